@@ -1,0 +1,223 @@
+"""Bridge checkpoints: a folder with `model.safetensors` (weights) + `config.json` (everything else).
+
+config.json holds the bridge config, the task and its labels, fingerprints of the sender and receiver the
+bridge was trained for, the sha256 of the weights file and training metadata. Loading checks the weights hash,
+the tensor names and shapes, and (when given) the live models' fingerprints. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .lm import ModelFingerprint
+from .resampler import Bridge, BridgeAdapter, BridgeConfig, BridgeEncoder
+from .tasks import get_task
+
+FORMAT = "telepathy-bridge"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class FingerprintMismatch(CheckpointError):
+    pass
+
+
+@dataclass
+class BridgeMeta:
+    path: Path
+    config: BridgeConfig
+    task: str
+    labels: list[str]
+    verbalizers: list[str]
+    primer: str
+    sender: ModelFingerprint
+    receiver: ModelFingerprint
+    weights_sha256: str
+    training: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        """What soft tokens carry on the wire: which bridge, for which pair, which weights."""
+        key = f"{self.sender.digest}|{self.receiver.digest}|{self.task}|{self.weights_sha256}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    @property
+    def bridge_id(self) -> str:
+        return f"{self.task}-{self.fingerprint[:8]}"
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "task": self.task,
+            "labels": self.labels,
+            "verbalizers": self.verbalizers,
+            "primer": self.primer,
+            "bridge": self.config.to_dict(),
+            "sender": self.sender.to_dict(),
+            "receiver": self.receiver.to_dict(),
+            "weights_sha256": self.weights_sha256,
+            "fingerprint": self.fingerprint,
+            "training": self.training,
+        }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bridge(
+    path: str | Path,
+    bridge: Bridge,
+    task: str,
+    sender: ModelFingerprint,
+    receiver: ModelFingerprint,
+    training: dict | None = None,
+) -> BridgeMeta:
+    """Write weights + config atomically (a reader never sees half a checkpoint)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    spec = get_task(task)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in bridge.state_dict().items()}
+    tmp_weights = Path(tempfile.mkstemp(dir=path, suffix=".tmp")[1])
+    save_file(state, str(tmp_weights), metadata={"format": FORMAT})
+    meta = BridgeMeta(
+        path=path, config=bridge.config, task=task, labels=list(spec.labels), verbalizers=list(spec.verbalizers),
+        primer=spec.primer, sender=sender, receiver=receiver, weights_sha256=_sha256_file(tmp_weights),
+        training=training or {},
+    )
+    os.replace(tmp_weights, path / WEIGHTS)
+    tmp_config = path / (CONFIG + ".tmp")
+    tmp_config.write_text(json.dumps(meta.to_json(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp_config, path / CONFIG)
+    return meta
+
+
+def read_meta(path: str | Path) -> BridgeMeta:
+    """Parse and validate config.json (cheap: weights are not read)."""
+    path = Path(path)
+    config_file = path / CONFIG
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG} (not a bridge checkpoint)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{config_file}: format is not {FORMAT!r}")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_file}: unsupported format_version {raw.get('format_version')!r}")
+    try:
+        meta = BridgeMeta(
+            path=path,
+            config=BridgeConfig.from_dict(raw["bridge"]),
+            task=str(raw["task"]),
+            labels=list(raw["labels"]),
+            verbalizers=list(raw["verbalizers"]),
+            primer=str(raw["primer"]),
+            sender=ModelFingerprint.from_dict(raw["sender"]),
+            receiver=ModelFingerprint.from_dict(raw["receiver"]),
+            weights_sha256=str(raw["weights_sha256"]),
+            training=dict(raw.get("training", {})),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_file}: missing or invalid field ({exc})") from exc
+    if len(meta.labels) != len(meta.verbalizers):
+        raise CheckpointError(f"{config_file}: {len(meta.labels)} labels but {len(meta.verbalizers)} verbalizers")
+    return meta
+
+
+def check_fingerprint(meta: BridgeMeta, role: str, live: ModelFingerprint) -> None:
+    expected = meta.sender if role == "sender" else meta.receiver
+    if expected.digest != live.digest:
+        raise FingerprintMismatch(
+            f"bridge {meta.path} was trained for {role} {expected.describe()}, "
+            f"but the loaded {role} is {live.describe()}"
+        )
+
+
+def _load_state(meta: BridgeMeta, prefix: str) -> dict[str, torch.Tensor]:
+    weights = meta.path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{meta.path}: no {WEIGHTS}")
+    actual = _sha256_file(weights)
+    if actual != meta.weights_sha256:
+        raise CheckpointError(
+            f"{weights}: sha256 {actual[:16]}… does not match config.json ({meta.weights_sha256[:16]}…); "
+            "the file is corrupt or was replaced"
+        )
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k.removeprefix(prefix): f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from exc
+
+
+def _fill(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: missing tensors {missing[:5]} / unexpected tensors {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {list(tensor.shape)}, config.json implies {list(expected[name].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def load_encoder(path: str | Path, sender: ModelFingerprint | None = None, device: str = "cpu") -> tuple[BridgeEncoder, BridgeMeta]:
+    meta = read_meta(path)
+    if sender is not None:
+        check_fingerprint(meta, "sender", sender)
+    encoder = BridgeEncoder(meta.config)
+    _fill(encoder, _load_state(meta, "encoder."), meta.path)
+    return encoder.to(device).eval().requires_grad_(False), meta
+
+
+def load_adapter(path: str | Path, receiver: ModelFingerprint | None = None, device: str = "cpu") -> tuple[BridgeAdapter, BridgeMeta]:
+    meta = read_meta(path)
+    if receiver is not None:
+        check_fingerprint(meta, "receiver", receiver)
+    adapter = BridgeAdapter(meta.config)
+    _fill(adapter, _load_state(meta, "adapter."), meta.path)
+    return adapter.to(device).eval().requires_grad_(False), meta
+
+
+def load_bridge(
+    path: str | Path, sender: ModelFingerprint | None = None, receiver: ModelFingerprint | None = None, device: str = "cpu"
+) -> tuple[Bridge, BridgeMeta]:
+    meta = read_meta(path)
+    for role, live in (("sender", sender), ("receiver", receiver)):
+        if live is not None:
+            check_fingerprint(meta, role, live)
+    bridge = Bridge(meta.config)
+    _fill(bridge, _load_state(meta, ""), meta.path)
+    return bridge.to(device).eval().requires_grad_(False), meta
+
+
+def find_bridges(root: str | Path) -> list[Path]:
+    """Every checkpoint folder under `root` (a folder holding config.json), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.rglob(CONFIG) if (p.parent / WEIGHTS).exists())

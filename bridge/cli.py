@@ -1,0 +1,74 @@
+"""`telepathy` command line. Each subcommand lives beside the code it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from . import __version__
+
+# module → exposes register(subparsers); the parser it adds sets `func(args) -> int | None`.
+COMMAND_MODULES = [
+    "bridge.cli",  # models
+]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("models", help="list model presets: family, sizes, where the files are, cache state")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_models)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from . import embedded
+    from .models import RANDOM_PRESETS
+
+    rows = [embedded.preset_status(name) for name in embedded.EMBEDDED_PRESETS]
+    for name, make in RANDOM_PRESETS.items():
+        c = make()
+        rows.append({
+            "name": f"random:{name}", "role": "any", "family": c.architectures[0] if getattr(c, "architectures", None)
+            else type(c).__name__.replace("Config", "ForCausalLM").replace("Gemma3Text", "Gemma3"),
+            "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
+            "installed": True, "files": "built from config (random weights)", "cached": True,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    header = f"{'preset':<24} {'role':<9} {'family':<20} {'hidden':>6} {'layers':>6} {'vocab':>7}  files / cache"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        where = r.get("files") or r.get("package_path") or "-"
+        cache = r.get("converted_path") if r.get("cached") else "not converted yet"
+        state = "installed" if r.get("installed") else "NOT INSTALLED"
+        print(f"{r['name']:<24} {r['role']:<9} {r['family']:<20} {r['hidden_size']:>6} {r['num_layers']:>6} "
+              f"{r['vocab_size']:>7}  {state}: {where}; cache: {cache}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="telepathy", description="LLM-to-LLM communication through learned soft tokens")
+    parser.add_argument("--version", action="version", version=f"telepathy {__version__}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, …)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -13,6 +14,7 @@ from . import __version__
 # module → exposes register(subparsers); the parser it adds sets `func(args) -> int | None`.
 COMMAND_MODULES = [
     "bridge.cli",  # models
+    "gateway.cli",  # gateway, up, bench, healthcheck
 ]
 
 
@@ -33,7 +35,7 @@ def _models(args: argparse.Namespace) -> int:
             "name": f"random:{name}", "role": "any", "family": c.architectures[0] if getattr(c, "architectures", None)
             else type(c).__name__.replace("Config", "ForCausalLM").replace("Gemma3Text", "Gemma3"),
             "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers, "vocab_size": c.vocab_size,
-            "installed": True, "files": "built from config (random weights)", "cached": True,
+            "installed": True, "files": "built from config (random weights)",
         })
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -42,11 +44,11 @@ def _models(args: argparse.Namespace) -> int:
     print(header)
     print("-" * len(header))
     for r in rows:
-        where = r.get("files") or r.get("package_path") or "-"
-        cache = r.get("converted_path") if r.get("cached") else "not converted yet"
-        state = "installed" if r.get("installed") else "NOT INSTALLED"
+        files = r.get("files") or (os.path.commonpath(r["package_files"]) if r.get("package_files") else "-")
+        cache = r.get("converted_path") if r.get("converted") else ("n/a" if "files" in r else "not converted yet")
+        state = "installed" if r.get("installed") else f"NOT INSTALLED ({r.get('install_command')})"
         print(f"{r['name']:<24} {r['role']:<9} {r['family']:<20} {r['hidden_size']:>6} {r['num_layers']:>6} "
-              f"{r['vocab_size']:>7}  {state}: {where}; cache: {cache}")
+              f"{r['vocab_size']:>7}  {state}: {files}; converted: {cache}")
     return 0
 
 

@@ -1,0 +1,293 @@
+"""`telepathy up`: receiver, sender and gateway as three local processes on loopback, until Ctrl-C / SIGTERM.
+
+    receiver  telepathy serve receiver --model R --bridges B --port 50052
+    sender    telepathy serve sender   --model S --bridges B --port 50051 --receiver-addr 127.0.0.1:50052
+    gateway   telepathy gateway        --port 8000 --sender-addr 127.0.0.1:50051 --receiver-addr 127.0.0.1:50052
+
+Each child runs in its own process group (so a terminal Ctrl-C reaches only this launcher, which then stops the
+children in order: gateway first so no new work arrives, then sender, then receiver), with PR_SET_PDEATHSIG on
+Linux (so even a SIGKILLed launcher leaves no orphans). Their output is streamed with a name prefix.
+A fresh random service token is shared by the three through the environment (not argv: `ps` would show it),
+so nothing else on the machine can call the services, unless TELEPATHY_AUTH_TOKEN is already set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Optional
+
+import httpx
+
+# torch-free sources of the same constants as bridge.engine / bridge.models: the launcher never loads a model.
+from receiver_service.settings import DEFAULT_RECEIVER
+from rpc.settings import SHIPPED_BRIDGES
+from sender_service.settings import DEFAULT_SENDER
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class UpConfig:
+    port: int = 8000  # gateway HTTP port
+    sender_model: str = DEFAULT_SENDER  # the embedded pair by default: SmolLM2-135M-Instruct → Gemma-3-270m
+    receiver_model: str = DEFAULT_RECEIVER
+    bridges: str = str(SHIPPED_BRIDGES)  # bridges shipped in the package (tasks without one: bridge path → 404)
+    sender_port: int = 50051
+    receiver_port: int = 50052
+    device: str = ""  # "" = each service's default (CUDA when available)
+    startup_timeout_s: float = 900.0  # first start converts the embedded GGUF files: minutes, not seconds
+    stop_timeout_s: float = 15.0  # per process, SIGTERM → SIGKILL
+    access_log: bool = False  # per-request gateway log lines (off: a bench run would flood the console)
+
+    def __post_init__(self) -> None:
+        ports = [self.port, self.sender_port, self.receiver_port]
+        if len(set(ports)) != 3 or any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"ports must be three distinct values in 1..65535, got {ports}")
+        if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+class _Console:
+    """Line-atomic output shared by the launcher and the log-pump threads."""
+
+    def __init__(self, stream: IO[str]):
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.width = len("receiver")
+
+    def line(self, name: str, text: str) -> None:
+        with self.lock:
+            self.stream.write(f"{name:<{self.width}} | {text}\n")
+            self.stream.flush()
+
+
+def _set_pdeathsig() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGTERM it when the launcher dies, however it dies.
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except Exception:
+        pass
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+class Launcher:
+    def __init__(self, config: UpConfig, out: IO[str] | None = None):
+        self.config = config
+        self.console = _Console(out or sys.stdout)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.pumps: list[threading.Thread] = []
+        self.stop_requested = threading.Event()
+        self.stop_signal: Optional[int] = None
+
+    # -- commands ----------------------------------------------------------------------------------------------
+    def commands(self) -> dict[str, list[str]]:
+        c = self.config
+        cli = [sys.executable, "-m", "bridge.cli"]
+        receiver_addr = f"{LOOPBACK}:{c.receiver_port}"
+        sender_addr = f"{LOOPBACK}:{c.sender_port}"
+        device = ["--device", c.device] if c.device else []
+        return {
+            "receiver": cli + ["serve", "receiver", "--model", c.receiver_model, "--bridges", c.bridges,
+                               "--host", LOOPBACK, "--port", str(c.receiver_port)] + device,
+            "sender": cli + ["serve", "sender", "--model", c.sender_model, "--bridges", c.bridges,
+                             "--host", LOOPBACK, "--port", str(c.sender_port), "--receiver-addr", receiver_addr] + device,
+            "gateway": cli + ["gateway", "--host", LOOPBACK, "--port", str(c.port), "--sender-addr", sender_addr,
+                              "--receiver-addr", receiver_addr] + ([] if c.access_log else ["--no-access-log"]),
+        }
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if not env.get("TELEPATHY_AUTH_TOKEN"):
+            env["TELEPATHY_AUTH_TOKEN"] = secrets.token_urlsafe(24)
+        env["PYTHONUNBUFFERED"] = "1"  # log lines as they happen, not when a 4 KB buffer fills
+        # Flags set every address explicitly; drop listen settings inherited from the shell so they cannot clash
+        # (a TELEPATHY_METRICS_PORT meant for one service would make the second one fail to bind).
+        for var in ("TELEPATHY_HOST", "TELEPATHY_PORT", "TELEPATHY_GATEWAY_HOST", "TELEPATHY_GATEWAY_PORT",
+                    "TELEPATHY_METRICS_PORT"):
+            env.pop(var, None)
+        return env
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, wait until ready, serve until a signal or a child's death, stop. Returns the exit code."""
+        busy = [p for p in (self.config.port, self.config.sender_port, self.config.receiver_port) if not _port_free(p)]
+        if busy:
+            self.say(f"port(s) {busy} already in use on {LOOPBACK} (another `telepathy up`?); choose others with "
+                     "--port / --sender-port / --receiver-port")
+            return 2
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.start()
+            code = self.wait_ready()
+            if code is None:
+                self.banner()
+                code = self.serve()
+            return code
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.stop_signal = signum
+        self.stop_requested.set()
+
+    def say(self, text: str) -> None:
+        self.console.line("up", text)
+
+    def start(self) -> None:
+        env = self.environment()
+        cmds = self.commands()
+        # All three are forked before any pump thread exists: preexec_fn is only safe in a single-threaded parent.
+        for name in ("receiver", "sender", "gateway"):
+            self.procs[name] = subprocess.Popen(
+                cmds[name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
+                text=True, encoding="utf-8", errors="replace", bufsize=1,
+            )
+        for name, proc in self.procs.items():
+            self.say(f"started {name} (pid {proc.pid}): {shlex.join(cmds[name][1:])}")
+            pump = threading.Thread(target=self._pump, args=(name, proc), name=f"log-{name}", daemon=True)
+            pump.start()
+            self.pumps.append(pump)
+
+    def _pump(self, name: str, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.console.line(name, line.rstrip("\n"))
+
+    def _dead(self) -> Optional[str]:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                return name
+        return None
+
+    def wait_ready(self) -> Optional[int]:
+        """None once /readyz says 200; else the exit code to leave with."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        last_note = time.monotonic()
+        with httpx.Client(timeout=3.0) as client:
+            while not self.stop_requested.is_set():
+                dead = self._dead()
+                if dead:
+                    self.say(f"{dead} exited ({_describe_exit(self.procs[dead].returncode)}) during start-up; stopping")
+                    return 1
+                try:
+                    if client.get(f"{self.config.url}/readyz").status_code == 200:
+                        return None
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.say(f"not ready after {self.config.startup_timeout_s:.0f} s; stopping")
+                    return 1
+                if time.monotonic() - last_note > 30:
+                    self.say("still starting (the first run converts the embedded models; later runs are fast)…")
+                    last_note = time.monotonic()
+                self.stop_requested.wait(0.5)
+        return 0  # stopped by a signal before ready: a clean, requested stop
+
+    def banner(self) -> None:
+        url = self.config.url
+        task, path = "sst2", "text"
+        try:
+            tasks = httpx.get(f"{url}/v1/tasks", timeout=3.0,
+                              headers=_auth_header(os.environ.get("TELEPATHY_API_KEYS", ""))).json()["tasks"]
+            with_bridge = [t["name"] for t in tasks if t.get("bridge")]
+            if with_bridge:
+                task, path = ("sst2" if "sst2" in with_bridge else with_bridge[0]), "bridge"
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        body = json.dumps({"task": task, "text": "a gripping, beautifully acted film", "path": path})
+        key = ' -H "Authorization: Bearer $TELEPATHY_API_KEY"' if os.environ.get("TELEPATHY_API_KEYS") else ""
+        self.say(f"Telepathy is up: {url}  (API docs: {url}/docs)")
+        self.say(f"  sender   {self.config.sender_model} on grpc {LOOPBACK}:{self.config.sender_port}")
+        self.say(f"  receiver {self.config.receiver_model} on grpc {LOOPBACK}:{self.config.receiver_port}")
+        if path == "text":
+            self.say(f"  no bridge for any task under {self.config.bridges}: the bridge path answers 404; "
+                     "the text path works")
+        self.say("Try:")
+        self.say(f"  curl -s {url}/v1/classify -H 'Content-Type: application/json'{key} -d '{body}'")
+        self.say(f"  curl -s {url}/v1/compare -H 'Content-Type: application/json'{key} "
+                 f"-d '{json.dumps({'task': task, 'text': 'a gripping, beautifully acted film'})}'")
+        self.say("Press Ctrl-C to stop.")
+
+    def serve(self) -> int:
+        while not self.stop_requested.wait(0.5):
+            dead = self._dead()
+            if dead:
+                self.say(f"{dead} exited ({_describe_exit(self.procs[dead].returncode)}); stopping the others")
+                return 1
+        self.say(f"{signal.Signals(self.stop_signal).name if self.stop_signal else 'stop'} received; stopping")
+        return 0
+
+    def stop(self) -> None:
+        """Gateway first (no new work), then sender, then receiver; SIGTERM, then SIGKILL after the timeout.
+        Finally SIGKILL each whole process group, so helpers a service may have spawned go too."""
+        for name in ("gateway", "sender", "receiver"):
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(self.config.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.say(f"{name} did not stop within {self.config.stop_timeout_s:.0f} s; killing it")
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        for proc in self.procs.values():
+            _signal_group(proc, signal.SIGKILL)
+        for pump in self.pumps:
+            pump.join(timeout=2.0)
+        for name, proc in self.procs.items():
+            self.say(f"{name} stopped ({_describe_exit(proc.returncode)})")
+        self.procs.clear()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly, so -15 is a normal stop for it.
+        return f"by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session=True: the child's pid is its process group id
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _auth_header(api_keys: str) -> dict[str, str]:
+    key = next((k.strip() for k in api_keys.split(",") if k.strip()), "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def up(config: UpConfig) -> int:
+    return Launcher(config).run()
+

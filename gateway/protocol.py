@@ -1,0 +1,124 @@
+"""HTTP protocol of the gateway: pydantic models only (the logic lives in serving.py).
+
+These models are the public contract of /v1/*; FastAPI derives the OpenAPI schema at /docs from them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PathName = Literal["bridge", "text"]
+
+
+class _Request(BaseModel):
+    # Unknown fields are an error, not silently ignored: a typo such as "paht" must not quietly run the default.
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="Input to classify. Non-empty; at most the gateway's max_text_chars characters.")
+    task: str = Field(description="Task name, see GET /v1/tasks (e.g. sst2, ag_news, trec).")
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty or whitespace")
+        return v
+
+
+class ClassifyRequest(_Request):
+    path: PathName = Field("bridge", description="bridge: soft tokens; text: the sender writes a relay text.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": "a gripping, beautifully acted film", "task": "sst2", "path": "bridge"}]},
+    )
+
+
+class CompareRequest(_Request):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"text": "Who invented the telephone?", "task": "trec"}]},
+    )
+
+
+class Timings(BaseModel):
+    """Milliseconds. sender/wire/receiver come from the services (queue + model time on each side; wire = the
+    sender→receiver hop). total is measured by the gateway around its call, so it also covers gateway↔sender."""
+
+    sender: float
+    wire: float
+    receiver: float
+    total: float
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    label: str
+    scores: dict[str, float] = Field(description="label → probability, in the task's label order")
+    path: PathName
+    timings_ms: Timings
+    wire_bytes: int = Field(description="payload bytes the sender sent to the receiver (soft-token tensor or relay text)")
+    request_id: str
+    bridge_id: Optional[str] = Field(None, description="bridge that made the soft tokens (bridge path)")
+    relay_text: Optional[str] = Field(None, description="what the sender told the receiver (text path)")
+
+
+class CompareResponse(BaseModel):
+    task: str
+    request_id: str
+    bridge: ClassifyResponse
+    text: ClassifyResponse
+    speedup: float = Field(description="text total_ms / bridge total_ms (> 1: the bridge path was faster)")
+    wire_ratio: float = Field(description="text wire_bytes / bridge wire_bytes")
+    agree: bool = Field(description="both paths chose the same label")
+
+
+class TaskInfo(BaseModel):
+    name: str
+    labels: list[str]
+    bridge: Optional[bool] = Field(None, description="the sender has a bridge for this task (null: sender unreachable)")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class ServiceInfo(BaseModel):
+    address: str
+    status: str = Field(description="grpc.health.v1 status (SERVING, NOT_SERVING, …) or UNAVAILABLE/UNKNOWN")
+    model: Optional[str] = None
+    architecture: Optional[str] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    version: Optional[str] = None
+    bridges: Optional[list[str]] = None
+
+
+class InfoResponse(BaseModel):
+    gateway_version: str
+    sender: ServiceInfo
+    receiver: ServiceInfo
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    services: dict[str, str] = Field(
+        description="sender / receiver: grpc.health.v1 status (SERVING, NOT_SERVING, UNAVAILABLE, …); "
+                    "link: the sender's stream to the receiver (CONNECTED, DISCONNECTED, or the gRPC code of a "
+                    "failed Sender.Info call, e.g. UNAVAILABLE, UNAUTHENTICATED)")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="stable machine-readable kind, e.g. not_found_error")
+    message: str
+    param: Optional[str] = Field(None, description="the offending request field, when there is one")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,136 @@
+"""`telepathy up` as a user runs it: a real process tree (launcher → receiver, sender, gateway), tiny random pair.
+
+It must get ready, answer on both paths, prefix the services' logs, and on SIGINT (Ctrl-C) / SIGTERM stop all
+three cleanly; even a SIGKILLed launcher must leave no orphans behind (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+READY_LINE = "Press Ctrl-C to stop."
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited; only its exit status is left
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Up:
+    """`telepathy up` in its own session (as from a terminal), its output collected line by line."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "up", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise AssertionError(f"no {text!r} in the output of `telepathy up`:\n" + "\n".join(self.lines[-60:]))
+            time.sleep(0.1)
+
+    def child_pids(self) -> dict[str, int]:
+        found = (re.match(r"up +\| started (\w+) \(pid (\d+)\)", line) for line in self.lines)
+        return {m.group(1): int(m.group(2)) for m in found if m}
+
+    def kill_all(self) -> None:  # test clean-up only, in case an assertion failed half-way
+        for pid in [self.proc.pid, *self.child_pids().values()]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig):
+    port, sender_port, receiver_port = _free_ports(3)
+    up = Up("--port", str(port), "--sender-port", str(sender_port), "--receiver-port", str(receiver_port),
+            "--sender-model", "random:tiny-llama", "--receiver-model", "random:tiny-gemma",
+            "--bridges", str(tiny_bridges_dir), "--startup-timeout-s", "120")
+    try:
+        up.wait_for(READY_LINE, timeout=150)
+        out = "\n".join(up.lines)
+        assert f"Telepathy is up: http://127.0.0.1:{port}" in out
+        assert f"curl -s http://127.0.0.1:{port}/v1/classify" in out  # an example to copy
+        for name in ("receiver", "sender", "gateway"):  # the services' own logs, prefixed
+            assert re.search(rf"^{name} +\| .+", out, re.M), name
+        pids = up.child_pids()
+        assert set(pids) == {"receiver", "sender", "gateway"}
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as c:
+            assert c.get("/readyz").status_code == 200
+            for path in ("bridge", "text"):
+                r = c.post("/v1/classify", json={"text": "a gripping , beautifully acted film", "task": "sst2",
+                                                 "path": path})
+                assert r.status_code == 200, r.text
+
+        up.proc.send_signal(sig)
+        rc = up.proc.wait(timeout=60)
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL
+        else:
+            assert rc == 0, "\n".join(up.lines[-30:])
+            up._reader.join(5)
+            tail = "\n".join(up.lines[-12:])
+            assert f"{signal.Signals(sig).name} received; stopping" in tail
+            for name in ("gateway", "sender", "receiver"):
+                assert re.search(rf"{name} stopped \((exit code 0|by SIGTERM)\)", tail), tail
+        # No orphans: every child is gone (for SIGKILL, via PR_SET_PDEATHSIG → SIGTERM → drain), ports are free.
+        end = time.monotonic() + 30
+        while any(_alive(p) for p in pids.values()) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not [name for name, p in pids.items() if _alive(p)]
+        assert not any(_port_open(p) for p in (port, sender_port, receiver_port))
+    finally:
+        up.kill_all()
+
+
+def test_up_refuses_a_busy_port():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        sender_port, receiver_port = _free_ports(2)
+        r = subprocess.run([sys.executable, "-m", "bridge.cli", "up", "--port", str(port), "--sender-port",
+                            str(sender_port), "--receiver-port", str(receiver_port)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert f"port(s) [{port}] already in use on 127.0.0.1" in r.stdout
+    assert "started" not in r.stdout  # nothing was launched

@@ -14,7 +14,12 @@ from . import __version__
 # module → exposes register(subparsers); the parser it adds sets `func(args) -> int | None`.
 COMMAND_MODULES = [
     "bridge.cli",  # models
+    "rpc.serve",  # serve sender|receiver
     "gateway.cli",  # gateway, up, bench, healthcheck
+    "bridge.train",  # train
+    "bridge.evaluate",  # eval
+    "bridge.classify",  # classify
+    "bridge.report",  # report
 ]
 
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.telepathy.v1 import common_pb2 as protos_dot_telepathy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/telepathy/v1/receiver.proto\x12\x0ctelepathy.v1\x1a protos/telepathy/v1/common.proto\"@\n\x0f\x43lassifyRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\"@\n\x10\x43lassifyResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"Z\n\x15\x43lassifyStreamRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\"\x8d\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.telepathy.v1.ErrorH\x00\x42\t\n\x07outcome\"E\n\x13\x43lassifyTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\x14\x43lassifyTextResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x14\n\x12ListBridgesRequest\"@\n\x13ListBridgesResponse\x12)\n\x07\x62ridges\x18\x01 \x03(\x0b\x32\x18.telepathy.v1.BridgeInfo\"\x15\n\x13ReceiverInfoRequest\"\x99\x01\n\x14ReceiverInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.telepathy.v1.ModelInfo\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.telepathy.v1.Limits\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t2\xb0\x03\n\x08Receiver\x12I\n\x08\x43lassify\x12\x1d.telepathy.v1.ClassifyRequest\x1a\x1e.telepathy.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.telepathy.v1.ClassifyStreamRequest\x1a$.telepathy.v1.ClassifyStreamResponse(\x01\x30\x01\x12U\n\x0c\x43lassifyText\x12!.telepathy.v1.ClassifyTextRequest\x1a\".telepathy.v1.ClassifyTextResponse\x12R\n\x0bListBridges\x12 .telepathy.v1.ListBridgesRequest\x1a!.telepathy.v1.ListBridgesResponse\x12M\n\x04Info\x12!.telepathy.v1.ReceiverInfoRequest\x1a\".telepathy.v1.ReceiverInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/telepathy/v1/receiver.proto\x12\x0ctelepathy.v1\x1a protos/telepathy/v1/common.proto\"@\n\x0f\x43lassifyRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\"@\n\x10\x43lassifyResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x8b\x01\n\x15\x43lassifyStreamRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\x12/\n\x04text\x18\x03 \x01(\x0b\x32!.telepathy.v1.ClassifyTextRequest\"\x8d\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.telepathy.v1.ErrorH\x00\x42\t\n\x07outcome\"E\n\x13\x43lassifyTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\x14\x43lassifyTextResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x14\n\x12ListBridgesRequest\"@\n\x13ListBridgesResponse\x12)\n\x07\x62ridges\x18\x01 \x03(\x0b\x32\x18.telepathy.v1.BridgeInfo\"\x15\n\x13ReceiverInfoRequest\"\x99\x01\n\x14ReceiverInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.telepathy.v1.ModelInfo\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.telepathy.v1.Limits\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t2\xb0\x03\n\x08Receiver\x12I\n\x08\x43lassify\x12\x1d.telepathy.v1.ClassifyRequest\x1a\x1e.telepathy.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.telepathy.v1.ClassifyStreamRequest\x1a$.telepathy.v1.ClassifyStreamResponse(\x01\x30\x01\x12U\n\x0c\x43lassifyText\x12!.telepathy.v1.ClassifyTextRequest\x1a\".telepathy.v1.ClassifyTextResponse\x12R\n\x0bListBridges\x12 .telepathy.v1.ListBridgesRequest\x1a!.telepathy.v1.ListBridgesResponse\x12M\n\x04Info\x12!.telepathy.v1.ReceiverInfoRequest\x1a\".telepathy.v1.ReceiverInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +36,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYREQUEST']._serialized_end=150
   _globals['_CLASSIFYRESPONSE']._serialized_start=152
   _globals['_CLASSIFYRESPONSE']._serialized_end=216
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=218
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=308
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=311
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=452
-  _globals['_CLASSIFYTEXTREQUEST']._serialized_start=454
-  _globals['_CLASSIFYTEXTREQUEST']._serialized_end=523
-  _globals['_CLASSIFYTEXTRESPONSE']._serialized_start=525
-  _globals['_CLASSIFYTEXTRESPONSE']._serialized_end=593
-  _globals['_LISTBRIDGESREQUEST']._serialized_start=595
-  _globals['_LISTBRIDGESREQUEST']._serialized_end=615
-  _globals['_LISTBRIDGESRESPONSE']._serialized_start=617
-  _globals['_LISTBRIDGESRESPONSE']._serialized_end=681
-  _globals['_RECEIVERINFOREQUEST']._serialized_start=683
-  _globals['_RECEIVERINFOREQUEST']._serialized_end=704
-  _globals['_RECEIVERINFORESPONSE']._serialized_start=707
-  _globals['_RECEIVERINFORESPONSE']._serialized_end=860
-  _globals['_RECEIVER']._serialized_start=863
-  _globals['_RECEIVER']._serialized_end=1295
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=219
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=358
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=361
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=502
+  _globals['_CLASSIFYTEXTREQUEST']._serialized_start=504
+  _globals['_CLASSIFYTEXTREQUEST']._serialized_end=573
+  _globals['_CLASSIFYTEXTRESPONSE']._serialized_start=575
+  _globals['_CLASSIFYTEXTRESPONSE']._serialized_end=643
+  _globals['_LISTBRIDGESREQUEST']._serialized_start=645
+  _globals['_LISTBRIDGESREQUEST']._serialized_end=665
+  _globals['_LISTBRIDGESRESPONSE']._serialized_start=667
+  _globals['_LISTBRIDGESRESPONSE']._serialized_end=731
+  _globals['_RECEIVERINFOREQUEST']._serialized_start=733
+  _globals['_RECEIVERINFOREQUEST']._serialized_end=754
+  _globals['_RECEIVERINFORESPONSE']._serialized_start=757
+  _globals['_RECEIVERINFORESPONSE']._serialized_end=910
+  _globals['_RECEIVER']._serialized_start=913
+  _globals['_RECEIVER']._serialized_end=1345
 # @@protoc_insertion_point(module_scope)

@@ -20,12 +20,14 @@ class ClassifyResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[_common_pb2.ClassifyResult, _Mapping]] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
-    __slots__ = ("soft_tokens", "timeout_ms")
+    __slots__ = ("soft_tokens", "timeout_ms", "text")
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     soft_tokens: _common_pb2.SoftTokens
     timeout_ms: int
-    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.SoftTokens, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    text: ClassifyTextRequest
+    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.SoftTokens, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., text: _Optional[_Union[ClassifyTextRequest, _Mapping]] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("request_id", "result", "error")

@@ -1,0 +1,7 @@
+"""`python -m receiver_service [options]` = `telepathy serve receiver [options]`."""
+
+import sys
+
+from rpc.serve import main
+
+sys.exit(main(["receiver", *sys.argv[1:]]))

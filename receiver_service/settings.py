@@ -1,0 +1,16 @@
+"""ReceiverSettings: ServiceSettings with the receiver's port and model defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rpc.settings import ServiceSettings, env_field
+
+# = bridge.models.DEFAULT_RECEIVER, spelled out so that `telepathy --help` need not import transformers.
+DEFAULT_RECEIVER = "gemma-3-270m"
+
+
+@dataclass
+class ReceiverSettings(ServiceSettings):
+    port: int = env_field(50052, "TELEPATHY_PORT", "gRPC port (0 = pick a free one)")
+    model: str = env_field(DEFAULT_RECEIVER, "TELEPATHY_MODEL", "model spec: embedded preset, random:NAME, .gguf file, folder, HF id")

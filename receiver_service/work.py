@@ -1,0 +1,30 @@
+"""The receiver's batch functions: what one model call does for a batch of requests. Runs on the model thread."""
+
+from __future__ import annotations
+
+import torch
+
+from bridge.engine import ReceiverEngine
+from bridge.tasks import TASKS
+
+
+class ReceiverWork:
+    def __init__(self, engine: ReceiverEngine):
+        self.engine = engine
+
+    def classify_latents(self, bridge_id: str, latents: list[torch.Tensor]) -> list[list[float]]:
+        """B decoded soft tokens [K, d_wire] for one bridge → B rows of label probabilities."""
+        meta = self.engine.bridges.by_id[bridge_id].meta
+        probs, _ = self.engine.classify_latents(torch.stack(latents), meta.task, bridge_id)  # [B, L]
+        return probs.cpu().tolist()
+
+    def classify_text(self, task: str, texts: list[str]) -> list[list[float]]:
+        """B relay texts of one task → B rows of label probabilities."""
+        return self.engine.classify_text(texts, task).cpu().tolist()  # [B, L]
+
+    def warmup(self, batch_size: int) -> None:
+        """One max-size batch through every loaded adapter and through the text path."""
+        for bridge_id, bridge in self.engine.bridges.by_id.items():
+            c = bridge.meta.config
+            self.classify_latents(bridge_id, list(torch.randn(batch_size, c.num_latents, c.d_wire)))
+        self.classify_text(next(iter(self.engine.bridges.by_task), next(iter(TASKS))), ["warm-up"] * batch_size)

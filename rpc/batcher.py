@@ -1,0 +1,230 @@
+"""DynamicBatcher: concurrent requests → batches for one model call, on asyncio.
+
+Requests are grouped by a key (the bridge, the wire dtype, …: whatever must be equal within one model call).
+The oldest waiting request decides what runs next, so keys are served in arrival order. A batch closes when it
+holds `max_batch_size` requests of that key or when its oldest request has waited `max_queue_delay_s`,
+whichever comes first. The queue is bounded: `submit` raises QueueFullError at once when `max_queue_size`
+requests are waiting. Requests whose deadline passed or whose caller went away are dropped before the model
+call, so expired work is never done.
+
+`run_batch(key, items) -> results` runs in `executor` (one model thread per service: the model is not
+re-entrant, and the event loop stays free for I/O). A result that is an Exception fails only its own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Hashable, TypeVar
+
+log = logging.getLogger(__name__)
+I = TypeVar("I")
+R = TypeVar("R")
+
+
+class QueueFullError(Exception):
+    pass
+
+
+class DeadlineExpiredError(Exception):
+    pass
+
+
+class BatcherClosedError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    queue_s: float  # submit → start of the model call
+    model_s: float  # the whole batch's model call
+    batch_size: int
+
+
+@dataclass(eq=False)  # identity: items may be tensors, whose == is elementwise
+class _Entry:
+    key: Hashable
+    item: Any
+    deadline: float | None  # time.monotonic() value
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+class DynamicBatcher(Generic[I, R]):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[Hashable, list[I]], list[R]],
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        executor: Executor,
+        metrics=None,  # rpc.metrics.ServiceMetrics; optional so the batcher is usable alone
+    ):
+        self.name = name
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._executor = executor
+        self._metrics = metrics
+        self._pending: deque[_Entry] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._flushing = False  # draining: no batch-mates will come, so stop waiting for them
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker on the running loop."""
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    def flush(self) -> None:
+        """Run what is queued without waiting for batch-mates (the service is draining; new work is refused)."""
+        self._flushing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def close(self) -> None:
+        """Refuse new requests, finish the queued ones, stop the worker."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    async def submit(self, item: I, key: Hashable, deadline: float | None = None) -> tuple[R, BatchTiming]:
+        """Queue one request and wait for its result; `deadline` is a time.monotonic() value."""
+        if self._closing or self._task is None:
+            raise BatcherClosedError(f"{self.name}: the service is shutting down")
+        if len(self._pending) >= self.max_queue_size:
+            self._count_skip("queue_full")
+            raise QueueFullError(f"{self.name} queue is full ({self.max_queue_size} requests waiting); retry later")
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            self._count_skip("deadline")
+            raise DeadlineExpiredError("deadline exceeded before the request was queued")
+        loop = asyncio.get_running_loop()
+        entry = _Entry(key, item, deadline, now, loop.create_future())
+        self._pending.append(entry)
+        self._set_depth()
+        self._wakeup.set()
+        timer = loop.call_later(deadline - now, self._expire, entry) if deadline is not None else None
+        try:
+            return await entry.future  # cancelling the caller cancels this future too
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if entry in self._pending:  # the caller went away (or its gRPC deadline passed) before its batch
+                self._drop(entry, "cancelled")
+
+    def _expire(self, entry: _Entry) -> None:
+        """Deadline timer: answer now; if still queued, the request leaves the queue and never runs."""
+        if entry.future.done():
+            return
+        queued = entry in self._pending
+        if queued:
+            self._drop(entry, "deadline")
+        entry.future.set_exception(DeadlineExpiredError(
+            "deadline exceeded while queued; the request was not run" if queued else "deadline exceeded during the model call"))
+
+    def _drop(self, entry: _Entry, reason: str) -> None:
+        self._pending.remove(entry)
+        self._set_depth()
+        self._count_skip(reason)
+        self._wakeup.set()  # the worker may be waiting on batch-mates for this very entry
+
+    # ---- worker ---------------------------------------------------------------------------------------------
+    def _same_key(self, key: Hashable) -> int:
+        return sum(1 for e in self._pending if e.key == key)
+
+    async def _wait_for_batch(self, first: _Entry) -> None:
+        close_at = first.enqueued + self.max_queue_delay_s
+        while not (self._closing or self._flushing) and self._same_key(first.key) < self.max_batch_size:
+            left = close_at - time.monotonic()
+            if left <= 0 or first.future.done() or first not in self._pending:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self, key: Hashable) -> list[_Entry]:
+        taken, kept = [], deque()
+        for e in self._pending:
+            (taken if e.key == key and len(taken) < self.max_batch_size else kept).append(e)
+        self._pending = kept
+        self._set_depth()
+        return taken
+
+    def _live(self, batch: list[_Entry]) -> list[_Entry]:
+        now = time.monotonic()
+        live = []
+        for e in batch:
+            if e.future.done():  # its caller went away just now (already out of the queue, so count it here)
+                self._count_skip("cancelled")
+                continue
+            if e.deadline is not None and now >= e.deadline:
+                self._count_skip("deadline")
+                e.future.set_exception(DeadlineExpiredError("deadline exceeded while queued; the request was not run"))
+            else:
+                live.append(e)
+        return live
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            first = self._pending[0]
+            if first.future.done():  # its caller is gone and submit() has not cleaned up yet
+                self._drop(first, "cancelled")
+                continue
+            await self._wait_for_batch(first)
+            if first not in self._pending:  # dropped while we waited: the next oldest sets its own delay
+                continue
+            live = self._live(self._take(first.key))
+            if not live:
+                continue
+            started = time.monotonic()
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, first.key, [e.item for e in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results for {len(live)} items")
+            except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
+                log.exception("%s: batch of %d failed", self.name, len(live))
+                results = [exc] * len(live)
+            model_s = time.monotonic() - started
+            if self._metrics is not None:
+                self._metrics.batch_size.labels(self.name).observe(len(live))
+            for e, result in zip(live, results):
+                if e.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    e.future.set_exception(result)
+                else:
+                    e.future.set_result((result, BatchTiming(started - e.enqueued, model_s, len(live))))
+
+    # ---- metrics --------------------------------------------------------------------------------------------
+    def _set_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.labels(self.name).set(len(self._pending))
+
+    def _count_skip(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.skipped.labels(self.name, reason).inc()

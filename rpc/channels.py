@@ -1,0 +1,137 @@
+"""Dialing Telepathy services: one ClientSettings, one set of channel options, one factory (torch-free).
+
+For the gateway and any other client:
+
+    from rpc.channels import ClientSettings, make_channel, make_sync_channel, call_timeout
+    from protos.telepathy.v1 import sender_pb2, sender_pb2_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    settings = ClientSettings.from_env()        # TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_CA/CERT/KEY, …
+    channel = make_channel("127.0.0.1:50051", settings)   # grpc.aio.Channel; keep one per process
+    sender = sender_pb2_grpc.SenderStub(channel)
+    resp = await sender.Relay(sender_pb2.RelayRequest(task="sst2", text="…"), timeout=call_timeout(settings, 5.0))
+    info = await sender.Info(sender_pb2.SenderInfoRequest(), timeout=call_timeout(settings))
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+
+    make_channel(address: str, settings: ClientSettings | None = None, *, options=(), with_token=True) -> grpc.aio.Channel
+    make_sync_channel(address: str, settings: ClientSettings | None = None, *, options=()) -> grpc.Channel
+    call_timeout(settings: ClientSettings, timeout_s: float | None = None) -> float
+    call_metadata(settings: ClientSettings) -> tuple   # the token by hand, for with_token=False channels
+    channel_options(max_message_bytes: int) -> list[tuple[str, int]]
+    server_options(max_message_bytes: int) -> list[tuple[str, int]]
+
+Both factories add the bearer token to every call (when set) and use TLS when settings.tls is on.
+Keepalive is set so that the two ends agree: clients ping every 30 s (also with no call in flight, which is
+what keeps the sender's long-lived stream healthy through idle NATs/load balancers); servers accept pings as
+often as every 10 s, so they never answer GOAWAY "too_many_pings".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from .auth import SyncTokenInterceptor, aio_token_interceptors, bearer, channel_credentials
+from .settings import MiB, env_field, from_sources, require
+
+CLIENT_KEEPALIVE_MS = 30_000
+SERVER_MIN_PING_INTERVAL_MS = 10_000  # must stay below CLIENT_KEEPALIVE_MS
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+@dataclass
+class ClientSettings:
+    """How a client reaches a service. Defaults: plaintext, no token (fine on loopback only)."""
+
+    auth_token: str = env_field("", "TELEPATHY_AUTH_TOKEN", "bearer token sent on every call")
+    tls: bool = env_field(False, "TELEPATHY_CLIENT_TLS", "dial with TLS (on by itself when a CA or client cert is set)")
+    tls_ca: str = env_field("", "TELEPATHY_TLS_CA", "CA bundle the server certificate must chain to (system roots when empty)")
+    tls_cert: str = env_field("", "TELEPATHY_TLS_CERT", "client certificate chain for mTLS")
+    tls_key: str = env_field("", "TELEPATHY_TLS_KEY", "client private key for mTLS")
+    tls_server_name: str = env_field("", "TELEPATHY_TLS_SERVER_NAME", "name to check in the server certificate instead of the host")
+    max_message_bytes: int = env_field(4 * MiB, "TELEPATHY_MAX_MESSAGE_BYTES", "gRPC max send/receive message size")
+    # Every outgoing call gets a deadline; this is the one used when the caller gives none.
+    timeout_s: float = env_field(30.0, "TELEPATHY_CLIENT_TIMEOUT_S", "default deadline of a call, seconds")
+
+    def __post_init__(self) -> None:
+        self.tls = bool(self.tls or self.tls_ca or self.tls_cert)
+        require(bool(self.tls_cert) == bool(self.tls_key), "TELEPATHY_TLS_CERT / TELEPATHY_TLS_KEY", "give both or neither")
+        require(self.timeout_s > 0, "TELEPATHY_CLIENT_TIMEOUT_S", "must be positive")
+        require(self.max_message_bytes >= 64 * 1024, "TELEPATHY_MAX_MESSAGE_BYTES", "must be at least 65536")
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> "ClientSettings":
+        return from_sources(cls, overrides, env)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", CLIENT_KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Short reconnect backoff: a restarted peer on loopback/LAN is back within seconds.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", SERVER_MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", 2),
+        # Off: with SO_REUSEPORT a second server on the same port starts "fine" and steals half the traffic.
+        ("grpc.so_reuseport", 0),
+        # No max_connection_age: it would cut the sender's persistent stream on a timer.
+    ]
+
+
+def _tls_options(settings: ClientSettings) -> list[tuple[str, str]]:
+    return [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
+
+
+def make_channel(address: str, settings: ClientSettings | None = None, *, options=(), with_token: bool = True) -> grpc.aio.Channel:
+    """An asyncio channel to `address` (host:port); create it inside the event loop that will use it.
+
+    with_token=False leaves the token out (pass `metadata=call_metadata(settings)` per call instead): grpc.aio
+    runs an intercepted call written with `.write()` through an extra request-iterator task, which a
+    long-lived bidi stream (the sender's link) is better off without.
+    """
+    settings = settings or ClientSettings()
+    opts = channel_options(settings.max_message_bytes) + _tls_options(settings) + list(options)
+    interceptors = aio_token_interceptors(settings.auth_token) if settings.auth_token and with_token else None
+    if settings.tls:
+        creds = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
+
+
+def make_sync_channel(address: str, settings: ClientSettings | None = None, *, options=()) -> grpc.Channel:
+    """A blocking channel to `address`, for scripts, agents and tests."""
+    settings = settings or ClientSettings()
+    opts = channel_options(settings.max_message_bytes) + _tls_options(settings) + list(options)
+    if settings.tls:
+        creds = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
+        channel = grpc.secure_channel(address, creds, options=opts)
+    else:
+        channel = grpc.insecure_channel(address, options=opts)
+    return grpc.intercept_channel(channel, SyncTokenInterceptor(settings.auth_token)) if settings.auth_token else channel
+
+
+def call_metadata(settings: ClientSettings) -> tuple[tuple[str, str], ...]:
+    """The auth metadata to pass by hand, for channels made with `with_token=False`."""
+    return (bearer(settings.auth_token),) if settings.auth_token else ()
+
+
+def call_timeout(settings: ClientSettings, timeout_s: float | None = None) -> float:
+    """The deadline to put on a call: the caller's, else the settings default (never none at all)."""
+    return settings.timeout_s if timeout_s is None else timeout_s

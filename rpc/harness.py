@@ -1,0 +1,112 @@
+"""Run services inside a Python process (tests, examples, benchmarks), and wait for remote ones.
+
+    with ServiceThread(lambda: build_receiver(settings, lm)) as receiver:   # own event loop, own thread
+        channel = make_sync_channel(receiver.address)
+
+The factory runs on the service's loop thread because grpc.aio objects belong to the loop they are made on.
+`make_untrained_bridges` saves random-init bridges for a model pair: enough to exercise every code path
+(the answers are meaningless) when no trained checkpoint is at hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .channels import ClientSettings, make_sync_channel
+
+
+class ServiceThread:
+    def __init__(self, factory: Callable[[], "object"], name: str = "service"):
+        self._factory = factory
+        self.service = None
+        self.port: int | None = None
+        self._starting = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"{name}-loop")
+
+    async def _create(self):
+        return self._factory()
+
+    def start(self, timeout: float = 300.0, wait: bool = True) -> "ServiceThread":
+        """Build the service on the loop and start it; wait=False returns as soon as start() is under way."""
+        self._thread.start()
+        self.service = self.call(self._create(), timeout)
+        self._starting = asyncio.run_coroutine_threadsafe(self.service.start(), self._loop)
+        if wait:
+            self.wait_started(timeout)
+        return self
+
+    def wait_started(self, timeout: float = 300.0) -> int:
+        self.port = self._starting.result(timeout)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        return self.service.address
+
+    def call(self, coro, timeout: float = 60.0):
+        """Run a coroutine on the service's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace: float | None = None, timeout: float = 120.0) -> None:
+        started = self.service is not None and self._starting.done() and self._starting.exception() is None
+        if started and self._thread.is_alive():
+            self.call(self.service.stop(grace), timeout)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    def __enter__(self) -> "ServiceThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_until_serving(address: str, settings: ClientSettings | None = None, timeout: float = 120.0,
+                       alive: Callable[[], bool] | None = None) -> None:
+    """Poll grpc.health.v1 until `address` says SERVING; `alive()` False aborts early (a crashed subprocess)."""
+    end = time.monotonic() + timeout
+    channel = make_sync_channel(address, settings)
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        while time.monotonic() < end:
+            if alive is not None and not alive():
+                raise RuntimeError(f"the service at {address} exited before it was serving")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{address} was not SERVING within {timeout:.0f}s")
+    finally:
+        channel.close()
+
+
+def make_untrained_bridges(root: str | Path, sender, receiver, tasks=None, **config) -> Path:
+    """One random-init bridge per task for the (sender, receiver) LanguageModels, saved as real checkpoints."""
+    import torch
+
+    from bridge.checkpoint import save_bridge
+    from bridge.resampler import Bridge, BridgeConfig
+    from bridge.tasks import TASKS
+
+    root = Path(root)
+    config = {"sender_layer": max(1, sender.num_layers // 2), "num_latents": 4, "d_model": 32, "depth": 1,
+              "num_heads": 4, "d_wire": 16, **config}
+    for i, task in enumerate(tasks or TASKS):
+        torch.manual_seed(1000 + i)
+        cfg = BridgeConfig(sender_hidden=sender.hidden_size, receiver_hidden=receiver.hidden_size, **config)
+        bridge = Bridge(cfg, target_rms=receiver.embedding_rms_median())
+        save_bridge(root / task, bridge, task, sender.fingerprint(), receiver.fingerprint(), training={"steps": 0})
+    return root

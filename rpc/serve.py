@@ -1,0 +1,116 @@
+"""`telepathy serve sender|receiver`: run one service until SIGTERM/SIGINT, then drain and exit 0.
+
+Every option also reads an environment variable (CLI > env > default; table in docs/SERVICES.md). The auth
+token comes from TELEPATHY_AUTH_TOKEN only: a command line is visible to every user of the machine.
+Exit codes: 0 after a clean drain, 2 for invalid settings, 1 when the service fails to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import typing
+from dataclasses import MISSING, fields
+
+from receiver_service.settings import ReceiverSettings
+from sender_service.settings import SenderSettings
+
+from .settings import SettingsError, from_sources, option_name
+
+log = logging.getLogger(__name__)
+ENV_ONLY = {"auth_token"}
+ROLES = {"sender": SenderSettings, "receiver": ReceiverSettings}
+
+
+def _option_fields():
+    """(field, type, {role: default}) for every setting of either role, in declaration order."""
+    seen: dict[str, tuple] = {}
+    for role, cls in ROLES.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in ENV_ONLY:
+                continue
+            entry = seen.setdefault(f.name, (f, hints[f.name], {}))
+            entry[2][role] = f.default if f.default is not MISSING else None
+    return list(seen.values())
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the sender or receiver gRPC service", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("role", choices=list(ROLES), help="which service to run")
+    for f, typ, defaults in _option_fields():
+        values = set(map(str, defaults.values()))
+        default = next(iter(values)) if len(values) == 1 else ", ".join(f"{r} {d}" for r, d in defaults.items())
+        only = "" if len(defaults) == len(ROLES) else f"{next(iter(defaults))} only; "
+        help_text = f"{f.metadata['help']} ({only}env {f.metadata['env']}; default: {default or 'none'})"
+        if typ is bool:
+            p.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(option_name(f.name), type=typ, default=None, help=help_text,
+                           metavar=f.name.upper() if typ is str else typ.__name__.upper())
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cls = ROLES[args.role]
+    names = {f.name for f in fields(cls)}
+    foreign = [option_name(f.name) for f, _, _ in _option_fields() if f.name not in names and getattr(args, f.name) is not None]
+    if foreign:
+        print(f"telepathy serve {args.role}: {', '.join(foreign)} only apply to the other service", file=sys.stderr)
+        return 2
+    try:
+        settings = from_sources(cls, {n: getattr(args, n, None) for n in names})
+    except SettingsError as exc:
+        print(f"telepathy serve {args.role}: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_service(args.role, settings))
+
+
+async def run_service(role: str, settings) -> int:
+    """Start the service, wait for SIGTERM/SIGINT, drain. Runs the whole life of `telepathy serve`."""
+    if role == "sender":
+        from sender_service.app import build_sender as build
+    else:
+        from receiver_service.app import build_receiver as build
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    service = build(settings)
+    starting = asyncio.create_task(service.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # signalled while loading: nothing in flight to drain
+        log.info("%s: stop requested during start-up", role)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        service.executor.shutdown(wait=False, cancel_futures=True)
+        return 0
+    if starting.exception() is not None:
+        exc = starting.exception()
+        stopping.cancel()
+        if isinstance(exc, SettingsError):
+            print(f"telepathy serve {role}: {exc}", file=sys.stderr)
+            return 2
+        log.error("%s failed to start: %s", role, exc, exc_info=exc)
+        return 1
+    await stopping
+    await service.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m rpc.serve sender|receiver …` = `telepathy serve …` without the top-level CLI."""
+    parser = argparse.ArgumentParser(prog="python -m rpc.serve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

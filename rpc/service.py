@@ -1,0 +1,176 @@
+"""The life cycle both services share: bind → load → warm up → SERVING → drain → stop; and model loading.
+
+    start():  bind the port (health NOT_SERVING), load the model and bridges on the model thread, start the
+              batchers, run one max-size batch through the model (so the first real request does not pay for
+              lazy init / allocator growth), then SERVING.
+    stop():   health NOT_SERVING for good, refuse new work with UNAVAILABLE, let in-flight requests finish
+              (at most `grace_s`), then stop batchers and the model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from bridge.engine import BridgeSet, load_bridge_set
+from bridge.lm import LanguageModel
+
+from .batcher import DynamicBatcher
+from .convert import VERSION
+from .errors import unavailable
+from .metrics import ServiceMetrics
+from .server import GrpcServer
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+def load_lm(settings: ServiceSettings) -> LanguageModel:
+    device = resolve_device(settings.device)
+    dtype = None if settings.dtype == "auto" else _DTYPES[settings.dtype]
+    started = time.monotonic()
+    lm = LanguageModel.load(settings.model, device=device, dtype=dtype)
+    log.info("loaded %s on %s (%s) in %.1fs", lm.spec, lm.device, lm.dtype, time.monotonic() - started)
+    return lm
+
+
+class ServiceState:
+    """What the servicer checks before taking work."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.loaded = False  # model and bridges in memory (Info / ListBridges answer)
+        self.ready = False  # warmed up (inference answers)
+        self.draining = False
+
+    def check(self, need_ready: bool = True) -> None:
+        if self.draining:
+            raise unavailable(f"{self.name} is shutting down; retry on another instance")
+        if not self.loaded:
+            raise unavailable(f"{self.name} is loading its model; retry shortly")
+        if need_ready and not self.ready:
+            raise unavailable(f"{self.name} is warming up; retry shortly")
+
+
+class BaseService:
+    """Subclasses set `name` and `service_name`, add their servicer and batchers in __init__, and implement
+    attach() (build engines once the model is loaded) and warmup(); both run on the model thread.
+
+    The port is bound before the model loads, so health answers NOT_SERVING during loading and warm-up.
+    """
+
+    name = "service"
+    service_name = ""
+
+    def __init__(self, settings: ServiceSettings, lm: LanguageModel | None = None):
+        self.settings = settings
+        self._preloaded = lm
+        self.lm: LanguageModel | None = None
+        self.metrics = ServiceMetrics(self.name, VERSION)
+        self.grpc = GrpcServer(settings, [self.service_name], self.metrics)
+        self.state = ServiceState(self.name)
+        # One model thread: the model and tokenizer are not re-entrant, and the event loop stays free for I/O.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-model")
+        self.batchers: list[DynamicBatcher] = []
+
+    def batcher(self, name: str, run_batch) -> DynamicBatcher:
+        s = self.settings
+        b = DynamicBatcher(name, run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_s,
+                           max_queue_size=s.max_queue_size, executor=self.executor, metrics=self.metrics)
+        self.batchers.append(b)
+        return b
+
+    @property
+    def port(self) -> int | None:
+        return self.grpc.port
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else "[::1]" if self.settings.host == "::" else self.settings.host
+        return f"{host}:{self.port}"
+
+    def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        raise NotImplementedError
+
+    def _load(self) -> None:
+        lm = self._preloaded or load_lm(self.settings)
+        bridges = load_bridge_set(self.settings.bridges, lm, self.name, lm.device)
+        log.info("%s bridges from %s: %s", self.name, self.settings.bridges,
+                 sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
+        self.lm = lm
+        self.attach(lm, bridges)
+
+    async def _after_load(self) -> None:
+        """Hook: the sender connects to its receiver here."""
+
+    async def _after_grpc_stop(self) -> None:
+        """Hook: the sender closes its receiver stream here."""
+
+    async def _begin_drain(self) -> None:
+        """Hook: the receiver ends its open streams here, once their in-flight items are answered."""
+
+    async def start(self) -> int:
+        """Bind (health NOT_SERVING), load, warm up, then SERVING. On failure the port is released."""
+        port = await self.grpc.start()
+        try:
+            if self.settings.metrics_port:
+                self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.executor, self._load)
+            self.metrics.set_model(self.lm.spec)
+            self.state.loaded = True
+            for b in self.batchers:
+                b.start()
+            await self._after_load()
+            if self.settings.warmup:
+                started = time.monotonic()
+                await loop.run_in_executor(self.executor, self.warmup)
+                log.info("%s warm-up (batch of %d) took %.2fs", self.name, self.settings.max_batch_size, time.monotonic() - started)
+        except BaseException:
+            await self.grpc.server.stop(0)
+            self.executor.shutdown(wait=False)
+            self.metrics.stop_http()
+            raise
+        self.state.ready = True
+        await self.grpc.set_serving(True)
+        log.info("%s serving on %s (security: %s)", self.name, self.address, self.settings.security)
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, finish in-flight work (at most `grace` s), then stop."""
+        grace = self.settings.grace_s if grace is None else grace
+        log.info("%s draining (grace %.1fs)", self.name, grace)
+        self.state.draining = True
+        for b in self.batchers:
+            b.flush()
+        await self.grpc.enter_drain()
+        await self._begin_drain()
+        await self.grpc.server.stop(grace)
+        await self._after_grpc_stop()
+        for b in self.batchers:
+            await b.close()
+        self.executor.shutdown(wait=True)
+        self.metrics.stop_http()
+        log.info("%s stopped", self.name)
+
+
+def deadline_from(context) -> float | None:
+    """The caller's gRPC deadline as a time.monotonic() value (None when it set none)."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left

@@ -1,0 +1,170 @@
+"""Benchmark the sender and receiver services: per-stage latency (p50/p99) and wire bytes, per wire dtype.
+
+Starts both services in this process on loopback (rpc.harness.ServiceThread), then for each wire dtype sends
+`-n` relays one at a time (batch-1 latency, from the services' own timings_us) and `-n` more from
+`--concurrency` client threads (throughput, and what batching does to latency); then the text path.
+
+    python scripts/bench_services.py                                    # tiny random pair, untrained bridges
+    python scripts/bench_services.py --sender smollm2-135m-instruct --receiver gemma-3-270m --device cuda
+    python scripts/bench_services.py --bridges runs/bridges --out results/bench_services.json
+
+Without --bridges, untrained bridges are made for the pair (the default bridge shape for real models, a tiny
+one for random:tiny-*): the numbers are about speed and bytes, not accuracy. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from bridge.lm import LanguageModel
+from bridge.models import TINY_RECEIVER, TINY_SENDER
+from protos.telepathy.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from receiver_service.app import build_receiver
+from receiver_service.settings import ReceiverSettings
+from rpc.channels import make_sync_channel
+from rpc.harness import ServiceThread, make_untrained_bridges
+from rpc.service import resolve_device
+from sender_service.app import build_sender
+from sender_service.settings import SenderSettings
+
+STAGES = ["sender_queue", "sender_model", "wire", "receiver_queue", "receiver_model", "total"]
+DTYPES = {"fp32": common_pb2.DTYPE_FP32, "fp16": common_pb2.DTYPE_FP16, "bf16": common_pb2.DTYPE_BF16,
+          "int8": common_pb2.DTYPE_INT8}
+TEXTS = [
+    "The Lakers beat the Celtics 101-99 in overtime on Sunday night.",
+    "Oil prices fell for a third day as traders weighed weaker demand in Asia.",
+    "What is the capital of Australia ?",
+    "A gripping, beautifully acted film that never lets go.",
+    "NASA's new probe sent back its first images of the far side of the moon.",
+    "How many feet are in a mile ?",
+]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summarize(responses: list[sender_pb2.RelayResponse], client_s: list[float]) -> dict:
+    stages = {s: [r.result.timings_us[s] / 1000 for r in responses] for s in STAGES}
+    return {
+        "requests": len(responses),
+        "wire_bytes": statistics.mean(r.wire_bytes for r in responses),
+        "ms": {s: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for s, v in stages.items()},
+        "client_ms": {"p50": percentile([c * 1000 for c in client_s], 50), "p99": percentile([c * 1000 for c in client_s], 99)},
+    }
+
+
+def run(stub, requests: list[sender_pb2.RelayRequest], concurrency: int) -> dict:
+    def one(req):
+        started = time.perf_counter()
+        resp = stub.Relay(req, timeout=120)
+        return resp, time.perf_counter() - started
+
+    started = time.perf_counter()
+    if concurrency <= 1:
+        out = [one(r) for r in requests]
+    else:
+        with ThreadPoolExecutor(concurrency) as pool:
+            out = list(pool.map(one, requests))
+    wall = time.perf_counter() - started
+    summary = summarize([r for r, _ in out], [c for _, c in out])
+    summary.update(concurrency=concurrency, throughput_rps=len(requests) / wall)
+    return summary
+
+
+def bridge_shape(sender: LanguageModel, receiver: LanguageModel) -> dict:
+    if sender.spec.startswith("random:tiny") or receiver.spec.startswith("random:tiny"):
+        return {"sender_layer": max(1, sender.num_layers // 2)}
+    return {"sender_layer": max(1, sender.num_layers * 4 // 5), "num_latents": 16, "d_model": 512, "depth": 2,
+            "num_heads": 8, "d_wire": 512}
+
+
+def print_table(results: dict) -> None:
+    header = f"{'path':<14}{'conc':>5}{'bytes':>8}" + "".join(f"{s:>20}" for s in STAGES) + f"{'client':>16}{'req/s':>9}"
+    print(header)
+    print(" " * 27 + "".join(f"{'p50 / p99 ms':>20}" for _ in STAGES) + f"{'p50 / p99 ms':>16}")
+    print("-" * len(header))
+    for name, runs in results.items():
+        for r in runs:
+            cells = "".join(f"{r['ms'][s]['p50']:>10.2f} /{r['ms'][s]['p99']:>7.2f}" for s in STAGES)
+            print(f"{name:<14}{r['concurrency']:>5}{r['wire_bytes']:>8.0f}{cells}"
+                  f"{r['client_ms']['p50']:>8.2f} /{r['client_ms']['p99']:>6.2f}{r['throughput_rps']:>9.1f}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sender", default=TINY_SENDER, help="sender model spec")
+    p.add_argument("--receiver", default=TINY_RECEIVER, help="receiver model spec")
+    p.add_argument("--bridges", help="bridge folder (default: untrained bridges made for the pair)")
+    p.add_argument("--task", default="ag_news")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-n", type=int, default=100, help="relays per dtype and mode")
+    p.add_argument("--concurrency", type=int, default=16, help="client threads for the throughput run (0 = skip)")
+    p.add_argument("--text-n", type=int, default=10, help="text-path relays (0 = skip)")
+    p.add_argument("--relay-tokens", type=int, default=16, help="tokens the sender generates on the text path")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args()
+
+    device = resolve_device(args.device)
+    sender_lm, receiver_lm = LanguageModel.load(args.sender, device=device), LanguageModel.load(args.receiver, device=device)
+    tmp = tempfile.TemporaryDirectory()
+    bridges = args.bridges or str(make_untrained_bridges(tmp.name, sender_lm, receiver_lm, tasks=[args.task],
+                                                         **bridge_shape(sender_lm, receiver_lm)))
+    common = dict(port=0, bridges=bridges, device=device, max_batch_size=args.max_batch_size,
+                  max_queue_delay_ms=args.max_queue_delay_ms)
+    receiver_settings = ReceiverSettings(model=args.receiver, **common)
+    receiver = ServiceThread(lambda: build_receiver(receiver_settings, receiver_lm), "receiver").start()
+    sender_settings = SenderSettings(model=args.sender, receiver_addr=receiver.address,
+                                     max_relay_tokens=max(args.relay_tokens, 1), **common)
+    sender = ServiceThread(lambda: build_sender(sender_settings, sender_lm), "sender").start()
+    results: dict[str, list[dict]] = {}
+    try:
+        stub = sender_pb2_grpc.SenderStub(make_sync_channel(sender.address))
+        texts = [TEXTS[i % len(TEXTS)] for i in range(args.n)]
+        for name, dtype in DTYPES.items():
+            reqs = [sender_pb2.RelayRequest(task=args.task, text=t, wire_dtype=dtype) for t in texts]
+            run(stub, reqs[:5], 1)  # settle: connection, allocator
+            results[f"bridge/{name}"] = [run(stub, reqs, 1)]
+            if args.concurrency:
+                results[f"bridge/{name}"].append(run(stub, reqs, args.concurrency))
+        if args.text_n:
+            reqs = [sender_pb2.RelayRequest(task=args.task, text=TEXTS[i % len(TEXTS)], path=sender_pb2.PATH_TEXT,
+                                            max_relay_tokens=args.relay_tokens) for i in range(args.text_n)]
+            results["text"] = [run(stub, reqs, 1)]
+    finally:
+        sender.stop()
+        receiver.stop()
+        tmp.cleanup()
+
+    print(f"sender {args.sender} → receiver {args.receiver} on {device}; task {args.task}; "
+          f"max batch {args.max_batch_size}, max queue delay {args.max_queue_delay_ms} ms")
+    print_table(results)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"sender": args.sender, "receiver": args.receiver, "device": device, "task": args.task,
+                "bridges": args.bridges or "untrained", "max_batch_size": args.max_batch_size,
+                "max_queue_delay_ms": args.max_queue_delay_ms, "relay_tokens": args.relay_tokens,
+                "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+                "threads": torch.get_num_threads()}
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""SenderServicer: protobuf ↔ batches. Model work is in work.py / bridge/, the receiver hop in link.py.
+
+Relay timings (microseconds): sender_queue, sender_model (this side's batcher), receiver_queue, receiver_model
+(reported by the receiver), wire (the stream round trip measured here minus the receiver's queue + model time:
+serialization, network, validation), total (from receipt of the Relay to its answer).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import grpc
+
+from bridge.engine import BridgeNotFoundError
+from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
+from rpc.checks import check_text, require_task
+from rpc.convert import VERSION, bridge_info, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb
+from rpc.errors import ServiceError, grpc_method, invalid
+from rpc.service import deadline_from
+
+if TYPE_CHECKING:
+    from .app import SenderService
+
+_PATH_NAMES = {sender_pb2.PATH_BRIDGE: "bridge", sender_pb2.PATH_TEXT: "text"}
+
+
+class SenderServicer(sender_pb2_grpc.SenderServicer):
+    def __init__(self, service: "SenderService"):
+        self.service = service
+        self.settings = service.settings
+        self.metrics = service.metrics
+        self.state = service.state
+
+    @property
+    def engine(self):
+        return self.service.engine  # set once the model has loaded
+
+    def _deadline(self, context) -> float:
+        """The caller's deadline, capped by request_timeout_s: every hop below gets one."""
+        cap = time.monotonic() + self.settings.request_timeout_s
+        theirs = deadline_from(context)
+        return cap if theirs is None else min(theirs, cap)
+
+    async def _encode(self, text: str, task: str, wire_dtype: int, deadline: float):
+        require_task(task)
+        check_text(text, self.settings.max_text_chars)
+        try:
+            meta = self.engine.bridges.resolve(task).meta
+        except BridgeNotFoundError as exc:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"task: {exc}", "task") from None
+        dtype = wire_dtype_from_pb(wire_dtype, self.settings.wire_dtype)
+        wire, timing = await self.service.encoder.submit(text, key=(task, meta.bridge_id, dtype), deadline=deadline)
+        return wire, meta, timing
+
+    async def _generate(self, text: str, task: str, max_tokens: int, deadline: float, field: str):
+        require_task(task)
+        check_text(text, self.settings.max_text_chars)
+        limit = self.settings.max_relay_tokens
+        if not 0 <= max_tokens <= limit:
+            raise invalid(field, f"must be between 0 and {limit} (0 = {limit}), got {max_tokens}")
+        return await self.service.generator.submit(text, key=(task, max_tokens or limit), deadline=deadline)
+
+    @grpc_method("Relay")
+    async def Relay(self, request: sender_pb2.RelayRequest, context):
+        received = time.monotonic()
+        self.state.check()
+        deadline = self._deadline(context)
+        path = request.path or sender_pb2.PATH_BRIDGE
+        if path not in _PATH_NAMES:
+            raise invalid("path", f"unknown path enum value {path}; expected PATH_BRIDGE or PATH_TEXT")
+        if path == sender_pb2.PATH_BRIDGE:
+            wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, deadline)
+            # No bridge_id: the receiver takes its bridge for the task and checks the fingerprint, so a mismatch
+            # comes back as FAILED_PRECONDITION naming both fingerprints rather than as "no such bridge id".
+            item = receiver_pb2.ClassifyStreamRequest(soft_tokens=common_pb2.SoftTokens(
+                task=meta.task, bridge_fingerprint=meta.fingerprint, tokens=tensor_to_pb(wire)))
+            wire_bytes, relay_text = wire.nbytes, ""
+        else:
+            (relay_text, _), timing = await self._generate(
+                request.text, request.task, request.max_relay_tokens, deadline, "max_relay_tokens")
+            item = receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(task=request.task, text=relay_text))
+            wire_bytes = len(relay_text.encode("utf-8"))
+        sent = time.monotonic()
+        answer = await self.service.link.call(item, deadline)
+        round_trip = micros(time.monotonic() - sent)
+
+        result = common_pb2.ClassifyResult()
+        result.CopyFrom(answer)
+        result.request_id = request.request_id or uuid.uuid4().hex
+        receiver = {k: answer.timings_us.get(k, 0) for k in ("receiver_queue", "receiver_model")}
+        timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s),
+                   "wire": max(0, round_trip - sum(receiver.values())), **receiver,
+                   "total": micros(time.monotonic() - received)}
+        result.timings_us.clear()
+        result.timings_us.update(timings)
+        self.metrics.observe_stages({k: timings[k] for k in ("sender_queue", "sender_model", "wire", "total")})
+        self.metrics.wire_bytes.labels(_PATH_NAMES[path]).observe(wire_bytes)
+        return sender_pb2.RelayResponse(result=result, path=path, wire_bytes=wire_bytes, relay_text=relay_text)
+
+    @grpc_method("Encode")
+    async def Encode(self, request: sender_pb2.EncodeRequest, context):
+        received = time.monotonic()
+        self.state.check()
+        wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, self._deadline(context))
+        soft = common_pb2.SoftTokens(request_id=request.request_id, task=meta.task, bridge_id=meta.bridge_id,
+                                     bridge_fingerprint=meta.fingerprint, tokens=tensor_to_pb(wire))
+        timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s),
+                   "total": micros(time.monotonic() - received)}
+        return sender_pb2.EncodeResponse(soft_tokens=soft, timings_us=timings)
+
+    @grpc_method("Generate")
+    async def Generate(self, request: sender_pb2.GenerateRequest, context):
+        received = time.monotonic()
+        self.state.check()
+        (text, num_tokens), timing = await self._generate(
+            request.text, request.task, request.max_tokens, self._deadline(context), "max_tokens")
+        timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s),
+                   "total": micros(time.monotonic() - received)}
+        return sender_pb2.GenerateResponse(text=text, num_tokens=num_tokens, timings_us=timings)
+
+    @grpc_method("Info")
+    async def Info(self, request, context):
+        self.state.check(need_ready=False)
+        return sender_pb2.SenderInfoResponse(
+            version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in self.engine.bridges.metas()],
+            limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.settings.receiver_addr,
+            receiver_connected=self.service.link.connected,
+        )

@@ -1,0 +1,33 @@
+"""The sender's batch functions: what one model call does for a batch of requests. Runs on the model thread."""
+
+from __future__ import annotations
+
+from bridge.codec import WireTensor
+from bridge.engine import SenderEngine
+from bridge.tasks import TASKS
+
+
+class SenderWork:
+    def __init__(self, engine: SenderEngine):
+        self.engine = engine
+
+    def encode(self, key: tuple[str, str, str], texts: list[str]) -> list[WireTensor]:
+        """key = (task, bridge_id, wire dtype); B texts → B wire tensors [K, d_wire]."""
+        task, bridge_id, dtype = key
+        wires, _ = self.engine.encode_wire(texts, task, dtype, bridge_id)
+        return wires
+
+    def generate(self, key: tuple[str, int], texts: list[str]) -> list[tuple[str, int]]:
+        """key = (task, max new tokens); B texts → B (relay text, its token count)."""
+        task, max_tokens = key
+        relays = self.engine.relay(texts, task, max_tokens)
+        tok = self.engine.lm.tokenizer
+        return [(r, len(tok(r, add_special_tokens=False)["input_ids"])) for r in relays]
+
+    def warmup(self, batch_size: int, wire_dtype: str) -> None:
+        """One max-size batch through every loaded encoder, and a short max-size generation."""
+        texts = ["warm-up " * 8] * batch_size
+        for bridge_id, bridge in self.engine.bridges.by_id.items():
+            self.encode((bridge.meta.task, bridge_id, wire_dtype), texts)
+        # Two tokens exercise the whole generate path without paying for a full relay per row.
+        self.generate((next(iter(self.engine.bridges.by_task), next(iter(TASKS))), 2), texts)

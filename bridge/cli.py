@@ -11,16 +11,21 @@ import sys
 
 from . import __version__
 
-# module → exposes register(subparsers); the parser it adds sets `func(args) -> int | None`.
-COMMAND_MODULES = [
-    "bridge.cli",  # models
-    "rpc.serve",  # serve sender|receiver
-    "gateway.cli",  # gateway, up, bench, healthcheck
-    "bridge.train",  # train
-    "bridge.evaluate",  # eval
-    "bridge.classify",  # classify
-    "bridge.report",  # report
-]
+# command → the module that registers it (`register(subparsers)`; the parser it adds sets `func(args)`).
+# Only the module of the command being run is imported, so `telepathy gateway` / `healthcheck` work in the
+# gateway image, which has no torch, and start fast everywhere.
+COMMANDS: dict[str, str] = {
+    "models": "bridge.cli",
+    "serve": "rpc.serve",
+    "gateway": "gateway.cli",
+    "up": "gateway.cli",
+    "bench": "gateway.cli",
+    "healthcheck": "gateway.cli",
+    "train": "bridge.train",
+    "eval": "bridge.evaluate",
+    "classify": "bridge.classify",
+    "report": "bridge.report",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,18 +62,28 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (given argv naming a command) one holding just that command's module."""
     parser = argparse.ArgumentParser(prog="telepathy", description="LLM-to-LLM communication through learned soft tokens")
     parser.add_argument("--version", action="version", version=f"telepathy {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, …)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    wanted = next((a for a in argv or [] if a in COMMANDS), None)
+    modules = [COMMANDS[wanted]] if wanted else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # e.g. training commands in the torch-free gateway image
+            for command in (c for c, m in COMMANDS.items() if m == name):
+                subparsers.add_parser(command, help=f"(unavailable here: {exc.name} is not installed)")
+            continue
+        module.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

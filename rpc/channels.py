@@ -65,7 +65,7 @@ class ClientSettings:
         return from_sources(cls, overrides, env)
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -77,6 +77,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
+        # Spread calls (and new streams) over every address a `dns:///` name resolves to, e.g. the replicas
+        # behind a Kubernetes headless Service; with one address this is the same as pick_first.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 

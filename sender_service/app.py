@@ -12,7 +12,7 @@ from bridge.lm import LanguageModel
 from protos.telepathy.v1 import sender_pb2, sender_pb2_grpc
 from rpc.service import BaseService
 
-from .link import ReceiverLink
+from .link import ReceiverPool
 from .servicer import SenderServicer
 from .settings import SenderSettings
 from .work import SenderWork
@@ -28,7 +28,8 @@ class SenderService(BaseService):
         self.work: SenderWork | None = None
         self.encoder = self.batcher("sender_encode", lambda key, items: self.work.encode(key, items))
         self.generator = self.batcher("sender_generate", lambda key, items: self.work.generate(key, items))
-        self.link = ReceiverLink(settings.receiver_addr, settings.receiver_client(), self.metrics, wait_s=settings.receiver_wait_s)
+        self.link = ReceiverPool(settings.receiver_addr, settings.receiver_client(), self.metrics,
+                                 streams=settings.receiver_streams, wait_s=settings.receiver_wait_s)
         self.servicer = SenderServicer(self)
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
 

@@ -74,13 +74,16 @@ class ReceiverLink:
         self._last_error = "not connected yet"
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task | None = None
+        self._owns_channel = True
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    async def start(self) -> None:
-        self._channel = make_channel(self.address, self._client, with_token=False)
+    async def start(self, channel: grpc.aio.Channel | None = None) -> None:
+        """Open the stream in the background; `channel` shares one channel among links (the pool closes it)."""
+        self._owns_channel = channel is None
+        self._channel = channel or make_channel(self.address, self._client, with_token=False)
         self._stub = receiver_pb2_grpc.ReceiverStub(self._channel)
         self._metadata = call_metadata(self._client)
         self._task = asyncio.create_task(self._run(), name="receiver-link")
@@ -94,7 +97,7 @@ class ReceiverLink:
         self._outbox.clear()
         self._held.clear()
         self._sent.clear()
-        if self._channel is not None:
+        if self._channel is not None and self._owns_channel:
             await self._channel.close()
 
     # ---- callers --------------------------------------------------------------------------------------------
@@ -242,3 +245,47 @@ class ReceiverLink:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(unavailable(message))
+
+
+class ReceiverPool:
+    """`streams` ReceiverLinks to one receiver address; each request goes to the least-loaded connected one.
+
+    One bidi stream is one RPC, pinned to one receiver. With several receiver replicas behind a DNS name
+    (Kubernetes headless Service) and the round_robin policy every channel uses, each stream lands on a different
+    replica, so `streams` ≥ replicas spreads this sender's load across all of them.
+    """
+
+    def __init__(self, address: str, client: ClientSettings, metrics: ServiceMetrics, *, streams: int = 1,
+                 settle_s: float = 0.5, **kwargs):
+        self.address = address
+        self._client = client
+        self._settle_s = settle_s
+        self._channel: grpc.aio.Channel | None = None
+        self.links = [ReceiverLink(address, client, metrics, **kwargs) for _ in range(streams)]
+
+    @property
+    def connected(self) -> bool:
+        return any(link.connected for link in self.links)
+
+    async def start(self) -> None:
+        if len(self.links) == 1:
+            await self.links[0].start()
+            return
+        # One channel for all streams: its round_robin policy then hands each new stream the next replica.
+        # Give it a moment to connect to every resolved address first, or the early streams all land on the
+        # one replica that happened to be READY first.
+        self._channel = make_channel(self.address, self._client, with_token=False)
+        self._channel.get_state(try_to_connect=True)
+        await asyncio.sleep(self._settle_s)
+        for link in self.links:
+            await link.start(self._channel)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(link.close() for link in self.links))
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def call(self, request: receiver_pb2.ClassifyStreamRequest, deadline: float | None) -> common_pb2.ClassifyResult:
+        # Least in flight among connected links; if none is connected, any link queues the request until one is.
+        link = min(self.links, key=lambda l: (not l.connected, len(l._sent) + len(l._outbox)))
+        return await link.call(request, deadline)

@@ -24,6 +24,8 @@ class SenderSettings(ServiceSettings):
     request_timeout_s: float = env_field(30.0, "TELEPATHY_REQUEST_TIMEOUT_S", "deadline of a relay when the caller sets none")
     # While the stream to the receiver is down, a request waits this long for it to come back, then UNAVAILABLE.
     receiver_wait_s: float = env_field(5.0, "TELEPATHY_RECEIVER_WAIT_S", "how long a request waits for a lost receiver")
+    # One stream is pinned to one receiver replica; use ≥ the number of replicas behind a DNS name.
+    receiver_streams: int = env_field(1, "TELEPATHY_RECEIVER_STREAMS", "parallel streams to the receiver address")
     receiver_tls_name: str = env_field("", "TELEPATHY_RECEIVER_TLS_NAME", "name to check in the receiver's certificate")
 
     def __post_init__(self) -> None:
@@ -35,6 +37,7 @@ class SenderSettings(ServiceSettings):
                 f"{self.wire_dtype!r} is not one of {', '.join(WIRE_DTYPES)}")
         require(self.max_relay_tokens >= 1, where(self, "max_relay_tokens"), "must be at least 1")
         require(self.request_timeout_s > 0, where(self, "request_timeout_s"), "must be positive")
+        require(1 <= self.receiver_streams <= 64, where(self, "receiver_streams"), "must be in 1..64")
         require(self.receiver_wait_s >= 0, where(self, "receiver_wait_s"), "must not be negative")
 
     def receiver_client(self) -> ClientSettings:

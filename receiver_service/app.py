@@ -36,7 +36,13 @@ class ReceiverService(BaseService):
     def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
         _check_message_size(self.settings, bridges)
         self.engine = ReceiverEngine(lm, bridges)
-        self.work = ReceiverWork(self.engine)
+        config = self.fast_path_config(lm)
+        if config is not None:
+            from bridge.fastpath import ReceiverFastPath
+
+            self.work = ReceiverWork(self.engine, ReceiverFastPath(self.engine, config))
+        else:
+            self.work = ReceiverWork(self.engine)
 
     def warmup(self) -> None:
         self.work.warmup(self.settings.max_batch_size)

@@ -9,18 +9,20 @@ from bridge.tasks import TASKS
 
 
 class ReceiverWork:
-    def __init__(self, engine: ReceiverEngine):
+    def __init__(self, engine: ReceiverEngine, fast=None):
         self.engine = engine
+        # bridge.fastpath.ReceiverFastPath: the same classify contracts on static shapes / CUDA graphs
+        self.classifier = fast or engine
 
     def classify_latents(self, bridge_id: str, latents: list[torch.Tensor]) -> list[list[float]]:
         """B decoded soft tokens [K, d_wire] for one bridge → B rows of label probabilities."""
         meta = self.engine.bridges.by_id[bridge_id].meta
-        probs, _ = self.engine.classify_latents(torch.stack(latents), meta.task, bridge_id)  # [B, L]
+        probs, _ = self.classifier.classify_latents(torch.stack(latents), meta.task, bridge_id)  # [B, L]
         return probs.cpu().tolist()
 
     def classify_text(self, task: str, texts: list[str]) -> list[list[float]]:
         """B relay texts of one task → B rows of label probabilities."""
-        return self.engine.classify_text(texts, task).cpu().tolist()  # [B, L]
+        return self.classifier.classify_text(texts, task).cpu().tolist()  # [B, L]
 
     def warmup(self, batch_size: int) -> None:
         """One max-size batch through every loaded adapter and through the text path."""

@@ -105,6 +105,17 @@ class BaseService:
     def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
         raise NotImplementedError
 
+    def fast_path_config(self, lm: LanguageModel):
+        """FastPathConfig when the static-shape fast path should serve this model, else None."""
+        mode = self.settings.fast_path
+        if mode == "off" or (mode == "auto" and lm.device.type != "cuda"):
+            return None
+        import os
+
+        from bridge.fastpath import FastPathConfig
+
+        return FastPathConfig.from_env(os.environ)
+
     def warmup(self) -> None:
         raise NotImplementedError
 

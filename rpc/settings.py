@@ -23,6 +23,7 @@ SHIPPED_BRIDGES = Path(bridge.__file__).resolve().parent / "bridges"
 MiB = 1 << 20
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "fp32", "fp16", "bf16")
+FAST_PATH_MODES = ("auto", "on", "off")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -128,6 +129,9 @@ class ServiceSettings:
     metrics_port: int = env_field(0, "TELEPATHY_METRICS_PORT", "Prometheus /metrics HTTP port on --host (0 = off)")
     grace_s: float = env_field(10.0, "TELEPATHY_GRACE_S", "on SIGTERM, how long in-flight requests get to finish")
     warmup: bool = env_field(True, "TELEPATHY_WARMUP", "run a max-size batch before reporting SERVING")
+    # The static-shape path of bridge/fastpath.py (CUDA graphs, fused layers, label-only logits); its own
+    # switches are TELEPATHY_FASTPATH_* (docs/PERFORMANCE.md). Eager engines on the CPU, where graphs gain nothing.
+    fast_path: str = env_field("auto", "TELEPATHY_FAST_PATH", "static-shape fast path: auto (on with CUDA), on, off")
 
     def __post_init__(self) -> None:
         self.host = self.host.strip()
@@ -143,6 +147,8 @@ class ServiceSettings:
         require(self.max_queue_delay_ms >= 0, where(self, "max_queue_delay_ms"), "must not be negative")
         require(self.max_message_bytes >= 64 * 1024, where(self, "max_message_bytes"), "must be at least 65536")
         require(self.grace_s >= 0, where(self, "grace_s"), "must not be negative")
+        require(self.fast_path in FAST_PATH_MODES, where(self, "fast_path"),
+                f"{self.fast_path!r} is not one of {', '.join(FAST_PATH_MODES)}")
         self._check_security()
 
     def _check_security(self) -> None:

@@ -35,7 +35,13 @@ class SenderService(BaseService):
 
     def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
         self.engine = SenderEngine(lm, bridges)
-        self.work = SenderWork(self.engine)
+        config = self.fast_path_config(lm)
+        if config is not None:
+            from bridge.fastpath import SenderFastPath
+
+            self.work = SenderWork(self.engine, SenderFastPath(self.engine, config))
+        else:
+            self.work = SenderWork(self.engine)
 
     def warmup(self) -> None:
         self.work.warmup(self.settings.max_batch_size, self.settings.wire_dtype)

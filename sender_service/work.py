@@ -8,13 +8,15 @@ from bridge.tasks import TASKS
 
 
 class SenderWork:
-    def __init__(self, engine: SenderEngine):
+    def __init__(self, engine: SenderEngine, fast=None):
         self.engine = engine
+        # bridge.fastpath.SenderFastPath: the same encode_wire contract on static shapes / CUDA graphs
+        self.encoder = fast or engine
 
     def encode(self, key: tuple[str, str, str], texts: list[str]) -> list[WireTensor]:
         """key = (task, bridge_id, wire dtype); B texts → B wire tensors [K, d_wire]."""
         task, bridge_id, dtype = key
-        wires, _ = self.engine.encode_wire(texts, task, dtype, bridge_id)
+        wires, _ = self.encoder.encode_wire(texts, task, dtype, bridge_id)
         return wires
 
     def generate(self, key: tuple[str, int], texts: list[str]) -> list[tuple[str, int]]:

@@ -149,12 +149,16 @@ class ReceiverLink:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self._backoff[1])
                 continue
-            delay = self._backoff[0]
+            opened = time.monotonic()
             reason = await self._serve(call)
+            # A stream that ends right after opening (a receiver still loading or draining accepts, then ends it)
+            # keeps backing off; only one that lived a while resets the backoff.
+            delay = self._backoff[0] if time.monotonic() - opened > 1.0 else min(delay * 2, self._backoff[1])
             if not self._closed:
-                log.warning("stream to receiver %s ended (%s); reconnecting", self.address, reason)
+                if self._last_error != reason:
+                    log.warning("stream to receiver %s ended (%s); reconnecting", self.address, reason)
                 self._last_error = reason
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
 
     async def _serve(self, call) -> str:
         """Pump one open stream until it ends; returns why it ended."""

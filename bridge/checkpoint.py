@@ -91,12 +91,16 @@ def save_bridge(
     sender: ModelFingerprint,
     receiver: ModelFingerprint,
     training: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> BridgeMeta:
-    """Write weights + config atomically (a reader never sees half a checkpoint)."""
+    """Write weights + config atomically (a reader never sees half a checkpoint).
+
+    `dtype` is the storage dtype of the weights (bf16 halves the file; loading casts back to the module's dtype).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     spec = get_task(task)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in bridge.state_dict().items()}
+    state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in bridge.state_dict().items()}
     tmp_weights = Path(tempfile.mkstemp(dir=path, suffix=".tmp")[1])
     save_file(state, str(tmp_weights), metadata={"format": FORMAT})
     meta = BridgeMeta(

@@ -1,0 +1,144 @@
+"""Results → a markdown table and a bar chart.
+
+    telepathy report --results results --out results
+
+reads results/<task>[_<split>].json (written by `telepathy eval`) and results/wire_ablation.json (if present)
+and writes results/summary.md (methods × tasks, mean ± std over seeds, in %) and results/accuracy.png
+(grouped bars with ±std error bars and each task's chance level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .evaluate import METHODS
+from .tasks import get_task
+from .train import fail
+
+TASK_ORDER = ("ag_news", "trec", "sst2")
+
+
+def load_results(folder: str | Path) -> list[dict]:
+    """Every evaluation document in `folder` (files with task/split/methods), in task then split order."""
+    docs = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and {"task", "split", "methods"} <= set(doc):
+            docs.append(doc)
+    rank = {t: i for i, t in enumerate(TASK_ORDER)}
+    return sorted(docs, key=lambda d: (rank.get(d["task"], 99), d["split"] != "test", d["split"]))
+
+
+def column_name(doc: dict) -> str:
+    return f"{doc['task']} {doc['split']} (n={doc['n']})"
+
+
+def markdown_table(docs: list[dict]) -> str:
+    """Methods as rows, task/split as columns; the best mean of each column in bold."""
+    if not docs:
+        return "_no results_\n"
+    methods = [m for m in METHODS if any(m in d["methods"] for d in docs)]
+    header = "| method | " + " | ".join(column_name(d) for d in docs) + " |"
+    lines = [header, "|---|" + "---:|" * len(docs)]
+    best = [max((e["mean"] for e in d["methods"].values()), default=None) for d in docs]
+    for m in methods:
+        cells = []
+        for d, top in zip(docs, best):
+            e = d["methods"].get(m)
+            if e is None:
+                cells.append("–")
+                continue
+            n = len(e["accuracy"])
+            text = f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}" if n > 1 else f"{100 * e['mean']:.1f}"
+            cells.append(f"**{text}**" if e["mean"] == top else text)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    chance = " | ".join(f"{100 / get_task(d['task']).num_labels:.1f}" for d in docs)
+    lines.append(f"| _chance_ | {chance} |")
+    return "\n".join(lines) + "\n"
+
+
+def wire_table(ablation: dict) -> str:
+    rows = ablation.get("rows", [])
+    lines = ["| wire dtype | d_wire | K | bytes / request | validation acc | test acc |", "|---|---:|---:|---:|---:|---:|"]
+    chosen = ablation.get("chosen") or {}
+    for r in sorted(rows, key=lambda r: (r["bytes"], r["dtype"])):
+        mark = " ← default" if all(r.get(k) == chosen.get(k) for k in ("dtype", "d_wire", "soft_tokens")) else ""
+        lines.append(f"| {r['dtype']} | {r['d_wire']} | {r['soft_tokens']} | {r['bytes']:,} | "
+                     f"{100 * r['validation_accuracy']:.1f} | {100 * r['test_accuracy']:.1f}{mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(docs: list[dict], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if any(m in d["methods"] for d in docs)]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(7.0, 2.4 * len(docs)), 4.5))
+    colors = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        xs, ys, errs = [], [], []
+        for i, d in enumerate(docs):
+            e = d["methods"].get(m)
+            if e is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(100 * e["mean"])
+                errs.append(100 * e["std"])
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=m, color=colors(j))
+    for i, d in enumerate(docs):
+        chance = 100 / get_task(d["task"]).num_labels
+        ax.hlines(chance, i - 0.45, i + 0.45, colors="black", linestyles="dotted", linewidth=1)
+    ax.set_xticks(range(len(docs)))
+    ax.set_xticklabels([column_name(d) for d in docs], fontsize=9)
+    ax.set_ylabel("accuracy (%), mean ± std over seeds")
+    ax.set_ylim(0, 100)
+    sender = docs[0]["sender"] if docs else ""
+    receiver = docs[0]["receiver"] if docs else ""
+    ax.set_title(f"{sender} → {receiver}: all methods per task (dotted: chance)", fontsize=10)
+    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.32))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: str | Path, out: str | Path) -> list[Path]:
+    results, out = Path(results), Path(out)
+    docs = load_results(results)
+    if not docs:
+        raise FileNotFoundError(f"no evaluation results (*.json with task/split/methods) in {results}")
+    out.mkdir(parents=True, exist_ok=True)
+    text = "# Accuracy (%) per method, mean ± std over seeds\n\n" + markdown_table(docs)
+    ablation_path = results / "wire_ablation.json"
+    if ablation_path.exists():
+        ablation = json.loads(ablation_path.read_text(encoding="utf-8"))
+        text += f"\n# Wire ablation ({ablation.get('task')}, one seed per row)\n\n" + wire_table(ablation)
+    written = [out / "summary.md", bar_chart(docs, out / "accuracy.png")]
+    written[0].write_text(text, encoding="utf-8")
+    return written
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("report", help="markdown table + bar chart of evaluation results")
+    p.add_argument("--results", default="results", help="folder of results/*.json (default %(default)s)")
+    p.add_argument("--out", default=None, help="where summary.md and accuracy.png go (default: --results)")
+    p.set_defaults(func=_report_command)
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    try:
+        written = write_report(args.results, args.out or args.results)
+    except FileNotFoundError as exc:
+        return fail("report", str(exc))
+    for path in written:
+        print(path)
+    return 0

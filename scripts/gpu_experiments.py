@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse-bridges", action="store_true",
                    help="role bridges/all: do not train; evaluate the bridges already in --work/runs/<task>/seed<s>")
     p.add_argument("--wire-dtypes", default="bf16,int8", help="wire dtypes the bridge is scored through")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="resumable checkpoints (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the bridges from their checkpoints in --work")
+    p.add_argument("--states-cache", default=None, help="folder for sender hidden states on disk (default: memory)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="model dtype (default: bf16 on CUDA, fp32 on the CPU; bf16 is ~1.7x faster on a CPU with avx512_bf16)")
     p.add_argument("--train-limit", type=int, default=None, help="smoke runs: first N training rows")
@@ -159,7 +162,8 @@ def load_models(args, pipeline: dict) -> tuple[LanguageModel, LanguageModel]:
 def base_config(args) -> dict:
     return dict(sender=args.sender, receiver=args.receiver, d_model=args.d_model, depth=args.depth,
                 num_heads=args.num_heads, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                checkpoint_every=args.steps, validation_size=args.validation_size, train_limit=args.train_limit,
+                checkpoint_every=args.checkpoint_every or args.steps, validation_size=args.validation_size,
+                train_limit=args.train_limit,
                 device=args.device)
 
 
@@ -236,8 +240,10 @@ def role_bridges(args, work: Path, results: Path, packer: Packer, pipeline: dict
         metas = [read_meta(out) for out in outs]
         log(f"bridges: reusing {len(metas)} trained bridges under {work / 'runs'}")
     else:
+        resume = args.resume and all(list((o / "checkpoints").glob("step_*/trainer_state.json")) for o in outs)
         metas = train_bridges(configs, outs, sender, receiver, store, names=[f"{c.task}-s{c.seed}" for c in configs],
-                              desc=f"bridges ({len(configs)} trained jointly)", progress=not args.no_progress)
+                              desc=f"bridges ({len(configs)} trained jointly)", progress=not args.no_progress,
+                              resume=resume)
     wall = metas[0].training["wall_time_s"]
     log(f"bridges: {len(configs)} × {args.steps} steps in {wall:.1f}s ({1000 * wall / args.steps:.0f} ms/step incl. setup)")
     pair = f"{args.sender}__{args.receiver}".replace("/", "_").replace(":", "_")
@@ -313,7 +319,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.role != "pack":
         sender, receiver = load_models(args, pipeline)
-        models = (sender, receiver, StatesStore(batch_size=256 if args.device.startswith("cuda") else 32))
+        models = (sender, receiver, StatesStore(args.states_cache, batch_size=256 if args.device.startswith("cuda") else 32))
     if args.role in ("bridges", "all"):
         role_bridges(args, work, results, packer, pipeline, phase_done, models)
     if args.role == "all":

@@ -176,3 +176,33 @@ def test_markdown_table_marks_the_best():
     table = markdown_table(docs)
     assert "| bridge | **91.0 ± 1.4** |" in table and "| linear_probe | 80.0 |" in table
     assert "| _chance_ | 16.7 |" in table
+
+
+def test_gpu_pipeline_script_end_to_end_on_the_tiny_pair(tmp_path):
+    """scripts/gpu_experiments.py (the GPU run) on the tiny pair: ablation → bridges → every method → archives."""
+    import importlib.util
+    import tarfile
+
+    script = Path(__file__).parent.parent / "scripts" / "gpu_experiments.py"
+    spec = importlib.util.spec_from_file_location("gpu_experiments", script)
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    argv = ["--role", "all", "--work", str(tmp_path / "w"), "--pack", str(tmp_path / "out"), "--sender", TINY_SENDER,
+            "--receiver", TINY_RECEIVER, "--d-model", "32", "--num-heads", "4", "--ablation-k", "4,8",
+            "--ablation-d-wire", "full,8", "--reference-k", "8", "--steps", "4", "--eval-every", "2",
+            "--train-limit", "60", "--validation-size", "24", "--limit", "6", "--seeds", "1", "--tasks", "trec,sst2",
+            "--device", "cpu", "--no-progress", "--threads", "1"]
+    assert pipeline.main(argv) == 0
+    results = tmp_path / "w" / "results"
+    ablation = json.loads((results / "wire_ablation.json").read_text())
+    assert len(ablation["rows"]) == 8 and ablation["chosen"]["bytes"] == min(
+        r["bytes"] for r in ablation["rows"]
+        if r["validation_accuracy"] >= ablation["reference"]["validation_accuracy"] - 0.01)
+    trec = json.loads((results / "trec.json").read_text())
+    assert list(trec["methods"]) == list(METHODS) and trec["wire"]["soft_tokens"] == ablation["chosen"]["soft_tokens"]
+    assert json.loads((results / "sst2_validation.json").read_text())["split"] == "validation"
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert out == ["results.tar.gz", "shipped_sst2.tar", "shipped_trec.tar"]
+    with tarfile.open(tmp_path / "out" / "shipped_trec.tar") as tar:
+        assert sorted(tar.getnames()) == [f"random_tiny-llama__random_tiny-gemma/trec/{n}"
+                                          for n in ("config.json", "model.safetensors")]

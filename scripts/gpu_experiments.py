@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wire-dtypes", default="bf16,int8", help="wire dtypes the bridge is scored through")
     p.add_argument("--checkpoint-every", type=int, default=None, help="resumable checkpoints (default: at the end)")
     p.add_argument("--resume", action="store_true", help="continue the bridges from their checkpoints in --work")
+    p.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="pick up an earlier, cut-short run in --work: phases it finished are skipped, trained bridges "
+                        "reused, half-trained ones resumed from their checkpoints (the same command can be repeated)")
     p.add_argument("--states-cache", default=None, help="folder for sender hidden states on disk (default: memory)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="model dtype (default: bf16 on CUDA, fp32 on the CPU; bf16 is ~1.7x faster on a CPU with avx512_bf16)")
@@ -224,7 +227,10 @@ def run_ablation(args, sender, receiver, store, work: Path) -> tuple[dict, dict]
 def role_bridges(args, work: Path, results: Path, packer: Packer, pipeline: dict, phase_done, models) -> None:
     sender, receiver, store = models
     chosen = {"soft_tokens": args.soft_tokens, "d_wire": d_wire_of(args.d_wire, args.d_model), "dtype": args.wire_dtype}
-    if not args.skip_ablation:
+    done = pipeline["phases"]
+    if "ablation" in done:
+        chosen = done["ablation"]["chosen"]
+    elif not args.skip_ablation:
         t0 = time.perf_counter()
         chosen, ablation = run_ablation(args, sender, receiver, store, work)
         results.mkdir(parents=True, exist_ok=True)
@@ -236,11 +242,12 @@ def role_bridges(args, work: Path, results: Path, packer: Packer, pipeline: dict
     configs = [TrainConfig(task=task, soft_tokens=chosen["soft_tokens"], d_wire=chosen["d_wire"], seed=seed,
                            **base_config(args)) for task in tasks for seed in range(args.seeds)]
     outs = [work / "runs" / c.task / f"seed{c.seed}" for c in configs]
-    if args.reuse_bridges:
+    trained = "bridges" in done and all((out / "model.safetensors").exists() for out in outs)
+    if args.reuse_bridges or trained:
         metas = [read_meta(out) for out in outs]
         log(f"bridges: reusing {len(metas)} trained bridges under {work / 'runs'}")
     else:
-        resume = args.resume and all(list((o / "checkpoints").glob("step_*/trainer_state.json")) for o in outs)
+        resume = (args.resume or args.continue_run) and all(list((o / "checkpoints").glob("step_*/trainer_state.json")) for o in outs)
         metas = train_bridges(configs, outs, sender, receiver, store, names=[f"{c.task}-s{c.seed}" for c in configs],
                               desc=f"bridges ({len(configs)} trained jointly)", progress=not args.no_progress,
                               resume=resume)
@@ -256,8 +263,12 @@ def role_bridges(args, work: Path, results: Path, packer: Packer, pipeline: dict
                          "bytes": (out / "model.safetensors").stat().st_size}
         packer.shipped(task, out, pair)
         log(f"ship {task}: {out.name} (validation {100 * val:.1f}%, {shipped[task]['bytes'] / 1e6:.2f} MB)")
-    phase_done("bridges", t0, shipped=shipped, chosen=chosen, wall_s=metas[0].training["wall_time_s"])
+    if not trained:
+        phase_done("bridges", t0, shipped=shipped, chosen=chosen, wall_s=metas[0].training["wall_time_s"])
 
+    if "eval_bridge" in done:
+        log("bridge rows: already evaluated")
+        return
     t0 = time.perf_counter()
     settings = eval_settings(args, chosen["dtype"])
     for task in tasks:
@@ -270,6 +281,9 @@ def role_baselines(args, work: Path, results: Path, methods: list[str], pipeline
     sender, receiver, store = models
     settings = eval_settings(args, "int8")
     for method in methods:
+        if f"eval_{method}" in pipeline["phases"]:
+            log(f"{method}: already evaluated")
+            continue
         if args.deadline_s is not None and time.perf_counter() - T0 > args.deadline_s:
             log(f"skipping {method}: past the deadline")
             continue
@@ -309,6 +323,12 @@ def main(argv=None) -> int:
     pipeline: dict = {"argv": sys.argv[1:], "role": args.role, "phases": {}, "python": platform.python_version(),
                       "torch": torch.__version__, "transformers": transformers.__version__,
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    earlier = work / f"pipeline_{args.role}.json"
+    if args.continue_run and earlier.exists():
+        before = json.loads(earlier.read_text())
+        pipeline["phases"] = before.get("phases", {})
+        pipeline["earlier_elapsed_s"] = before.get("elapsed_s", 0) + before.get("earlier_elapsed_s", 0)
+        log(f"continuing: phases already done: {', '.join(pipeline['phases']) or 'none'}")
 
     def phase_done(name: str, t0: float, **info) -> None:
         pipeline["phases"][name] = {"wall_s": round(time.perf_counter() - t0, 1), **info}

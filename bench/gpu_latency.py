@@ -17,6 +17,9 @@ after every section so a timeout still leaves what was measured):
               generate and the graph-captured static-cache relay; speed-up of the bridge over each
   throughput  batches of 1 / 8 / 32 / 64: model time per batch (events) and an in-process dynamic batcher
               (max batch b, 2 ms max delay, b closed-loop clients): requests/s and per-request latency
+  parity_fp32 last (it converts the models): the same weights upcast to fp32 in place give the exact answer;
+              the fast path passes when its bf16 error against it is no larger than the eager path's bf16 error
+              (× 1.5, or 0.02 absolute, whichever is larger) and it gets the fp32 top label wherever eager does
 The gRPC services measurement is not here (services_b1_ms_p50 stays null): the services bench fills it.
 """
 
@@ -54,6 +57,7 @@ from bridge.fastpath import (  # noqa: E402
     dequantize,
     eager_generate_ids,
     fused_decoder,
+    release_caches,
 )
 from bridge.lm import LanguageModel  # noqa: E402
 from bridge.resampler import Bridge, BridgeConfig  # noqa: E402
@@ -425,9 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     def _parity():
         mixed = [r.text for r in load_split(TASK, "test", limit=8)]  # natural lengths: several buckets
         rows = {}
+        state["parity_probs"] = {}
         for name, texts in (("b1_bench_input", text), ("b8_mixed_lengths", mixed)):
             eager = eager_bridge(s_engine, r_engine, texts, wire).float().cpu()
             fast = pipe.classify_batch(texts, TASK)
+            state["parity_probs"][name] = (texts, eager, fast.float().cpu())
             diff = (fast - eager).abs().max().item()
             rows[name] = {"max_abs_prob_diff": diff, "top1_agree": float((fast.argmax(-1) == eager.argmax(-1)).float().mean()),
                           "eager_b0": [round(x, 5) for x in eager[0].tolist()], "fast_b0": [round(x, 5) for x in fast[0].tolist()]}
@@ -487,13 +493,16 @@ def main(argv: list[str] | None = None) -> int:
         rows["eager engines (HF forward with masks; truncated sender; label-only logits)"] = stats(
             time_events(lambda: eager_bridge(s_engine, r_engine, text, wire), device, n, 5))
         variants = {
-            "graphs + fused layers, not compiled": dict(compile_layers=False),
-            "graphs + HF decoder layers (no fused layers, no compile)": dict(fused_layers=False, compile_layers=False),
+            "all on but the bridge encoder / adapter not compiled": dict(compile_bridge=False),
+            "graphs + fused layers, not compiled": dict(compile_layers=False, compile_bridge=False),
+            "graphs + HF decoder layers (no fused layers, no compile)": dict(fused_layers=False, compile_layers=False,
+                                                                             compile_bridge=False),
             "no CUDA graphs (static shapes, eager launches)": dict(cuda_graphs=False),
             "graphs, but whole sender model + LM head (no stop_at_layer)": dict(stop_at_layer=False),
             "graphs, but full-vocabulary logits at every position": dict(label_only_logits=False),
             "all off (eager HF, whole sender + LM head, full logits)": dict(
-                cuda_graphs=False, fused_layers=False, compile_layers=False, stop_at_layer=False, label_only_logits=False),
+                cuda_graphs=False, fused_layers=False, compile_layers=False, compile_bridge=False, stop_at_layer=False,
+                label_only_logits=False),
         }
         for name, overrides in variants.items():
             cfg = FastPathConfig.from_dict({**fp_config.to_dict(), **overrides, "batch_buckets": [1]})
@@ -575,6 +584,53 @@ def main(argv: list[str] | None = None) -> int:
             R["throughput_b32_rps"] = rows["32"]["dynamic_batching"]["rps"]
             R["throughput_b32_model_rps"] = rows["32"]["model_rps"]
 
+    # -- parity against fp32 (last: it upcasts the models in place, so nothing bf16 can run after it)
+    @section("parity_fp32")
+    def _parity_fp32():
+        nonlocal pipe
+        if "parity_probs" not in state:
+            raise RuntimeError("the parity section did not run")
+        if s_engine.lm.dtype == torch.float32:
+            R["parity_fp32"] = {"skipped": "the models already run in fp32: the parity section compares exactly"}
+            return
+        import gc
+
+        pipe = None  # drop the graphs (their memory pools) and the fused / compiled caches, then upcast in place
+        state.pop("pipe", None)
+        release_caches()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        t = time.perf_counter()
+        s_lm, r_lm = s_engine.lm, r_engine.lm
+        s_lm.model.float()
+        r_lm.model.float()
+        encoder = s_engine.bridges.by_id[meta.bridge_id].module.float()
+        adapter = r_engine.bridges.by_id[meta.bridge_id].module.float()
+        s32 = SenderEngine(s_lm, BridgeSet([LoadedBridge(meta, encoder)]))
+        r32 = ReceiverEngine(r_lm, BridgeSet([LoadedBridge(meta, adapter)]))
+        rows = {"upcast_s": time.perf_counter() - t}
+        worst_eager = worst_fast = 0.0
+        agree_eager = agree_fast = n = 0
+        for name, (texts, eager, fast) in state["parity_probs"].items():
+            ref = eager_bridge(s32, r32, texts, wire).float().cpu()  # [B, L]: the same weights, computed in fp32
+            e, f = (eager - ref).abs().max().item(), (fast - ref).abs().max().item()
+            worst_eager, worst_fast = max(worst_eager, e), max(worst_fast, f)
+            agree_eager += int((eager.argmax(-1) == ref.argmax(-1)).sum())
+            agree_fast += int((fast.argmax(-1) == ref.argmax(-1)).sum())
+            n += ref.shape[0]
+            rows[name] = {"eager_bf16_max_abs_diff": e, "fast_bf16_max_abs_diff": f,
+                          "fp32_b0": [round(x, 5) for x in ref[0].tolist()]}
+        limit = max(0.02, 1.5 * worst_eager)
+        rows.update(eager_bf16_max_abs_diff=worst_eager, fast_bf16_max_abs_diff=worst_fast, limit=limit,
+                    top1_agree_eager=f"{agree_eager}/{n}", top1_agree_fast=f"{agree_fast}/{n}",
+                    rule="fast within max(0.02, 1.5 × eager's bf16 error) of fp32, and the fp32 top label wherever eager has it",
+                    ok=worst_fast <= limit and agree_fast >= agree_eager)
+        R["parity_fp32"] = rows
+        R["parity"]["ok_vs_fp32"] = rows["ok"]
+        print(f"parity vs fp32: eager bf16 max|dp| {worst_eager:.4f}, fast bf16 {worst_fast:.4f} (limit {limit:.4f}); "
+              f"top-1 eager {agree_eager}/{n}, fast {agree_fast}/{n}; ok={rows['ok']}", flush=True)
+
     save()
     print_table(R)
     return 0
@@ -618,6 +674,11 @@ def print_table(R: dict) -> None:
         d = row["dynamic_batching"]
         print(f"batch {b:>3}: model {f(row['model_rps'], 0):>6} req/s | dynamic {f(d['rps'], 0):>6} req/s "
               f"lat p50 {f(d['latency_ms']['p50'])} p99 {f(d['latency_ms']['p99'])} ms (mean batch {f(d['mean_batch'], 1)})")
+    p32 = R.get("parity_fp32", {})
+    if "ok" in p32:
+        print(f"parity vs fp32          ok={p32['ok']}  max|dp| eager bf16 {p32['eager_bf16_max_abs_diff']:.2e}  fast bf16 "
+              f"{p32['fast_bf16_max_abs_diff']:.2e} (limit {p32['limit']:.2e}); top-1 eager {p32['top1_agree_eager']}, "
+              f"fast {p32['top1_agree_fast']}")
     if R.get("errors"):
         print("ERRORS:", json.dumps(R["errors"]))
 

@@ -76,6 +76,9 @@ class FastPathConfig:
     #                            architectures (Gemma 3, …) keep the HF forward
     compile_layers: bool = True  # torch.compile that layer function (CUDA only): one compile shared by every layer
     #                              of both models (dynamic shapes); norm, rotary and SiLU·up become single kernels
+    compile_bridge: bool = True  # torch.compile the bridge encoder + wire quantise (sender) and the dequantise +
+    #                              adapter (receiver) (CUDA only): their ~50 small LayerNorm / attention / GELU
+    #                              kernels fuse into fewer
     stop_at_layer: bool = True  # sender runs decoder layers 1..L only; False runs the whole model with
     #                             output_hidden_states and full-vocabulary logits (the naive research path)
     label_only_logits: bool = True  # receiver multiplies only the L label rows at the last position; False
@@ -86,7 +89,8 @@ class FastPathConfig:
     max_graphs: int = 64  # captured graphs per side; shapes beyond this run the static code eagerly
 
     def __post_init__(self) -> None:
-        for name in ("cuda_graphs", "length_buckets", "fused_layers", "compile_layers", "stop_at_layer", "label_only_logits"):
+        for name in ("cuda_graphs", "length_buckets", "fused_layers", "compile_layers", "compile_bridge", "stop_at_layer",
+                     "label_only_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FastPathConfig.{name} must be a bool, got {getattr(self, name)!r}")
         buckets = tuple(self.batch_buckets)
@@ -132,7 +136,8 @@ class FastPathConfig:
         """--no-cuda-graphs, --no-fused-layers, …, --dtype; `prefix` (e.g. "fast-") avoids clashes with a service's own flags."""
         g = parser.add_argument_group("fast path (each optimisation can be turned off)")
         for name, help_ in (("cuda-graphs", "run the static-shape code eagerly"), ("length-buckets", "exact lengths (a graph each)"),
-                            ("fused-layers", "HF decoder layers"), ("compile-layers", "no torch.compile"),
+                            ("fused-layers", "HF decoder layers"), ("compile-layers", "no torch.compile of the layers"),
+                            ("compile-bridge", "no torch.compile of the bridge encoder / adapter"),
                             ("stop-at-layer", "run the whole sender model"),
                             ("label-only-logits", "full-vocabulary logits at every receiver position")):
             g.add_argument(f"--{prefix}no-{name}", dest="fp_" + name.replace("-", "_"), action="store_false", help=help_)
@@ -144,7 +149,7 @@ class FastPathConfig:
     def from_args(cls, args: argparse.Namespace) -> "FastPathConfig":
         return cls(
             cuda_graphs=args.fp_cuda_graphs, length_buckets=args.fp_length_buckets, fused_layers=args.fp_fused_layers,
-            compile_layers=args.fp_compile_layers, stop_at_layer=args.fp_stop_at_layer,
+            compile_layers=args.fp_compile_layers, compile_bridge=args.fp_compile_bridge, stop_at_layer=args.fp_stop_at_layer,
             label_only_logits=args.fp_label_only_logits,
             batch_buckets=tuple(int(b) for b in str(args.fp_batch_buckets).split(",") if b.strip()),
             dtype=args.fp_dtype, wire_dtype=args.fp_wire_dtype,
@@ -427,9 +432,65 @@ def fused_decoder(lm: LanguageModel, config: FastPathConfig) -> FusedDecoder | N
     return decoder
 
 
+def release_caches() -> None:
+    """Forget every fused decoder and compiled bridge function (e.g. before converting a model to another dtype).
+
+    The HF modules keep their views of the fused weights, so the models still compute what they computed."""
+    _DECODERS.clear()
+    _BRIDGE_FNS.clear()
+
+
 def compile_error() -> str | None:
-    """Why torch.compile of the decoder layer was abandoned in this process (None: it was not)."""
-    return _COMPILED["error"]
+    """Why torch.compile of the decoder layer or of a bridge was abandoned in this process (None: it was not)."""
+    errors = [e for e in [_COMPILED["error"], *(f.error for fns in _BRIDGE_FNS.values() for f in fns.values())] if e]
+    return "; ".join(errors) or None
+
+
+class _MaybeCompiled:
+    """`fn` under torch.compile (dynamic batch/length); after a compiler error outside capture it logs the error
+    and runs `fn` eagerly from then on (a compiler failure must not take the fast path down)."""
+
+    def __init__(self, fn: Callable[..., Any], name: str):
+        self.eager, self.name, self.error = fn, name, None
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.error is None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                self.error = f"{self.name}: {type(exc).__name__}: {exc}"
+                log.warning("torch.compile failed; running it uncompiled: %s", self.error)
+        return self.eager(*args)
+
+
+# bridge module → {(role, wire): compiled function}; weak, so unloading a bridge frees its compiled code too
+_BRIDGE_FNS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _MaybeCompiled]]" = weakref.WeakKeyDictionary()
+
+
+def encoder_fn(encoder: nn.Module, wire: str | None, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """(states [B, T, Hs], key_mask [B, T]) → quantize(encoder(...), wire), or (latents [B, K, d_wire], None)."""
+    def run(states: torch.Tensor, key_mask: torch.Tensor):
+        latents = encoder(states, key_mask)  # [B, K, d_wire]
+        return quantize(latents, wire) if wire else (latents, None)
+
+    if not compile:
+        return run
+    fns = _BRIDGE_FNS.setdefault(encoder, {})
+    return fns.setdefault(("encoder", wire), _MaybeCompiled(run, f"bridge encoder ({wire or 'float'})"))
+
+
+def adapter_fn(adapter: nn.Module, compile: bool) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """(values [B, K, d_wire], scales [B, K] | None) → soft tokens adapter(dequantize(...)) [B, K, Hr]."""
+    def run(values: torch.Tensor, scales: torch.Tensor | None):
+        return adapter(dequantize(values, scales))
+
+    if not compile:
+        return run
+    fns = _BRIDGE_FNS.setdefault(adapter, {})
+    return fns.setdefault(("adapter",), _MaybeCompiled(run, "bridge adapter"))
 
 
 # ---- sender -------------------------------------------------------------------------------------------------
@@ -461,6 +522,7 @@ class SenderFastPath:
         encoder, layer = bridge.module, bridge.meta.config.sender_layer
         lm, config, stop = self.lm, self.lm.model.config, self.config.stop_at_layer
         fused, compile_ = fused_decoder(lm, self.config), self.config.compile_layers and self.device.type == "cuda"
+        encode = encoder_fn(encoder, wire, self.config.compile_bridge and self.device.type == "cuda")
         inputs = {
             "ids": torch.full((batch, length), self.pad_id, dtype=torch.long, device=self.device),  # [Bb, Tb]
             "lengths": torch.ones(batch, dtype=torch.long, device=self.device),  # [Bb]; pad rows keep 1 key
@@ -477,8 +539,7 @@ class SenderFastPath:
                 out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
                 states = out.hidden_states[layer]  # same tensor, after running every layer and the LM head
             key_mask = positions[None, :] < lengths[:, None]  # [Bb, Tb]
-            latents = encoder(states, key_mask)  # [Bb, K, d_wire]
-            return quantize(latents, wire) if wire else (latents, None)
+            return encode(states, key_mask)  # int8 values [Bb, K, d_wire] + scales [Bb, K], or (latents, None)
 
         return forward, inputs
 
@@ -602,9 +663,10 @@ class ReceiverFastPath:
         if wire == "int8":
             inputs["scales"] = torch.zeros(batch, K, dtype=torch.float32, device=self.device)  # [Bb, K]
         self.engine.soft_inputs(meta, torch.zeros(1, K, cfg.receiver_hidden, dtype=self.lm.dtype, device=self.device))
+        adapt = adapter_fn(adapter, self.config.compile_bridge and self.device.type == "cuda")
 
         def forward(values: torch.Tensor, scales: torch.Tensor | None = None):
-            soft = adapter(dequantize(values, scales))  # [Bb, K, Hr]
+            soft = adapt(values, scales)  # [Bb, K, Hr]
             embeds, _ = self.engine.soft_inputs(meta, soft)  # [Bb, P+K+S, Hr]; prefix/suffix embedded once
             return self._scores(embeds, None, label_ids, label_w)  # [Bb, L]
 

@@ -7,6 +7,10 @@ Starts both services in this process on loopback (rpc.harness.ServiceThread), th
     python scripts/bench_services.py                                    # tiny random pair, untrained bridges
     python scripts/bench_services.py --sender smollm2-135m-instruct --receiver gemma-3-270m --device cuda
     python scripts/bench_services.py --bridges runs/bridges --out results/bench_services.json
+    # issue 7's services figure, after bench/gpu_latency.py in the same call (same bridge shape, 64-token inputs):
+    python scripts/bench_services.py --sender random:llama-3.1-8b --receiver random:mistral-7b-v0.3 --device cuda \
+        --sender-layer 28 --input-tokens 64 --dtypes int8 --gpu-latency-json results/gpu_latency.json
+    # two GPUs of one host: --sender-device cuda:0 --receiver-device cuda:1
 
 Without --bridges, untrained bridges are made for the pair (the default bridge shape for real models, a tiny
 one for random:tiny-*): the numbers are about speed and bytes, not accuracy. Not a test.
@@ -24,7 +28,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import torch
+from google.protobuf import __version__ as protobuf_version
 
 from bridge.lm import LanguageModel
 from bridge.models import TINY_RECEIVER, TINY_SENDER
@@ -59,7 +65,10 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(responses: list[sender_pb2.RelayResponse], client_s: list[float]) -> dict:
     stages = {s: [r.result.timings_us[s] / 1000 for r in responses] for s in STAGES}
+    # What the services add per request: the client's round trip minus the two model stages of that request.
+    added = [c * 1000 - sm - rm for c, sm, rm in zip(client_s, stages["sender_model"], stages["receiver_model"])]
     return {
+        "added_over_model_ms": {"p50": percentile(added, 50), "p99": percentile(added, 99)},
         "requests": len(responses),
         "wire_bytes": statistics.mean(r.wire_bytes for r in responses),
         "ms": {s: {"p50": percentile(v, 50), "p99": percentile(v, 99)} for s, v in stages.items()},
@@ -85,11 +94,38 @@ def run(stub, requests: list[sender_pb2.RelayRequest], concurrency: int) -> dict
     return summary
 
 
-def bridge_shape(sender: LanguageModel, receiver: LanguageModel) -> dict:
+def bridge_shape(sender: LanguageModel, receiver: LanguageModel, sender_layer: int | None = None) -> dict:
+    """The bridge of bench/gpu_latency.py for real shapes (K=16, d_model 512, depth 2, d_wire 512), a tiny one else."""
     if sender.spec.startswith("random:tiny") or receiver.spec.startswith("random:tiny"):
-        return {"sender_layer": max(1, sender.num_layers // 2)}
-    return {"sender_layer": max(1, sender.num_layers * 4 // 5), "num_latents": 16, "d_model": 512, "depth": 2,
-            "num_heads": 8, "d_wire": 512}
+        return {"sender_layer": sender_layer or max(1, sender.num_layers // 2)}
+    return {"sender_layer": sender_layer or max(1, sender.num_layers * 4 // 5), "num_latents": 16, "d_model": 512,
+            "depth": 2, "num_heads": 8, "d_wire": 512}
+
+
+def bench_texts(sender: LanguageModel, n: int, input_tokens: int | None) -> list[str]:
+    """The short mixed TEXTS, or AG News articles cut to exactly `input_tokens` sender tokens (gpu_latency's inputs)."""
+    if not input_tokens:
+        return [TEXTS[i % len(TEXTS)] for i in range(n)]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.gpu_latency import texts_with_tokens
+
+    return texts_with_tokens(sender, n, input_tokens)
+
+
+def update_gpu_latency(path: Path, results: dict, meta: dict) -> None:
+    """Fill services_b1_ms_p50 / _p99 of bench/gpu_latency.py's JSON with the int8 batch-1 round trip."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    b1 = results["bridge/int8"][0]
+    model = doc.get("bridge_b1_ms_p50")
+    doc["services_b1_ms_p50"], doc["services_b1_ms_p99"] = b1["client_ms"]["p50"], b1["client_ms"]["p99"]
+    doc.setdefault("services", {})[meta["placement"]] = {
+        "client_ms": b1["client_ms"], "added_over_own_model_stages_ms": b1["added_over_model_ms"],
+        "stages_ms": b1["ms"], "requests": b1["requests"], "meta": meta,
+        "added_over_bench_model_p50_ms": None if model is None else b1["client_ms"]["p50"] - model,
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    print(f"updated {path}: services {meta['placement']} p50 {b1['client_ms']['p50']:.2f} ms "
+          f"(bench model p50 {model if model is None else round(model, 2)} ms)")
 
 
 def print_table(results: dict) -> None:
@@ -111,6 +147,13 @@ def main() -> int:
     p.add_argument("--bridges", help="bridge folder (default: untrained bridges made for the pair)")
     p.add_argument("--task", default="ag_news")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sender-device", default=None, help="sender's device (default --device), e.g. cuda:0")
+    p.add_argument("--receiver-device", default=None, help="receiver's device (default --device), e.g. cuda:1")
+    p.add_argument("--sender-layer", type=int, default=None, help="bridge layer (default 4/5 of the sender's layers)")
+    p.add_argument("--input-tokens", type=int, default=None,
+                   help="AG News articles cut to this many sender tokens (default: the short mixed texts)")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="wire dtypes to measure")
+    p.add_argument("--gpu-latency-json", type=Path, help="fill services_b1_ms_p50 in this bench/gpu_latency.py JSON")
     p.add_argument("-n", type=int, default=100, help="relays per dtype and mode")
     p.add_argument("--concurrency", type=int, default=16, help="client threads for the throughput run (0 = skip)")
     p.add_argument("--text-n", type=int, default=10, help="text-path relays (0 = skip)")
@@ -121,22 +164,24 @@ def main() -> int:
     args = p.parse_args()
 
     device = resolve_device(args.device)
-    sender_lm, receiver_lm = LanguageModel.load(args.sender, device=device), LanguageModel.load(args.receiver, device=device)
+    s_dev, r_dev = args.sender_device or device, args.receiver_device or device
+    sender_lm, receiver_lm = LanguageModel.load(args.sender, device=s_dev), LanguageModel.load(args.receiver, device=r_dev)
     tmp = tempfile.TemporaryDirectory()
     bridges = args.bridges or str(make_untrained_bridges(tmp.name, sender_lm, receiver_lm, tasks=[args.task],
-                                                         **bridge_shape(sender_lm, receiver_lm)))
-    common = dict(port=0, bridges=bridges, device=device, max_batch_size=args.max_batch_size,
-                  max_queue_delay_ms=args.max_queue_delay_ms)
-    receiver_settings = ReceiverSettings(model=args.receiver, **common)
+                                                         **bridge_shape(sender_lm, receiver_lm, args.sender_layer)))
+    common = dict(port=0, bridges=bridges, max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms)
+    receiver_settings = ReceiverSettings(model=args.receiver, device=r_dev, **common)
     receiver = ServiceThread(lambda: build_receiver(receiver_settings, receiver_lm), "receiver").start()
-    sender_settings = SenderSettings(model=args.sender, receiver_addr=receiver.address,
+    sender_settings = SenderSettings(model=args.sender, receiver_addr=receiver.address, device=s_dev,
                                      max_relay_tokens=max(args.relay_tokens, 1), **common)
     sender = ServiceThread(lambda: build_sender(sender_settings, sender_lm), "sender").start()
     results: dict[str, list[dict]] = {}
     try:
         stub = sender_pb2_grpc.SenderStub(make_sync_channel(sender.address))
-        texts = [TEXTS[i % len(TEXTS)] for i in range(args.n)]
+        texts = bench_texts(sender_lm, args.n, args.input_tokens)
         for name, dtype in DTYPES.items():
+            if name not in args.dtypes.split(","):
+                continue
             reqs = [sender_pb2.RelayRequest(task=args.task, text=t, wire_dtype=dtype) for t in texts]
             run(stub, reqs[:5], 1)  # settle: connection, allocator
             results[f"bridge/{name}"] = [run(stub, reqs, 1)]
@@ -151,12 +196,24 @@ def main() -> int:
         receiver.stop()
         tmp.cleanup()
 
-    print(f"sender {args.sender} → receiver {args.receiver} on {device}; task {args.task}; "
+    placement = "one device" if s_dev == r_dev else "two devices"
+    print(f"sender {args.sender} on {s_dev} → receiver {args.receiver} on {r_dev}; task {args.task}; "
           f"max batch {args.max_batch_size}, max queue delay {args.max_queue_delay_ms} ms")
     print_table(results)
+    for name, runs in results.items():
+        r = runs[0]
+        print(f"{name}: services add p50 {r['added_over_model_ms']['p50']:.2f} / p99 {r['added_over_model_ms']['p99']:.2f} ms "
+              f"over the request's own model stages (batch 1)")
+    meta = {"sender": args.sender, "receiver": args.receiver, "device": device, "sender_device": s_dev,
+            "receiver_device": r_dev, "placement": placement, "gpu": [torch.cuda.get_device_name(d) for d in
+                                                                       sorted({s_dev, r_dev})] if device.startswith("cuda") else None,
+            "input_tokens": args.input_tokens, "sender_layer": args.sender_layer, "grpc": grpc.__version__,
+            "protobuf": protobuf_version}
+    if args.gpu_latency_json and "bridge/int8" in results:
+        update_gpu_latency(args.gpu_latency_json, results, meta)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"sender": args.sender, "receiver": args.receiver, "device": device, "task": args.task,
+        meta |= {"task": args.task,
                 "bridges": args.bridges or "untrained", "max_batch_size": args.max_batch_size,
                 "max_queue_delay_ms": args.max_queue_delay_ms, "relay_tokens": args.relay_tokens,
                 "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

@@ -20,9 +20,13 @@ from bridge.fastpath import (
     ReceiverFastPath,
     RelayGenerator,
     SenderFastPath,
+    _MaybeCompiled,
+    adapter_fn,
     attention_masks,
     eager_generate_ids,
+    encoder_fn,
     fused_decoder,
+    release_caches,
     supports_fused,
 )
 from bridge.lm import LanguageModel
@@ -80,8 +84,9 @@ def test_cli_flags_turn_each_optimisation_off():
     assert FastPathConfig.from_args(parser.parse_args([])) == FastPathConfig()
     cfg = FastPathConfig.from_args(parser.parse_args(
         ["--no-cuda-graphs", "--no-length-buckets", "--no-stop-at-layer", "--no-label-only-logits", "--batch-buckets", "1,8",
-         "--dtype", "bf16"]))
+         "--dtype", "bf16", "--no-compile-bridge"]))
     assert (cfg.cuda_graphs, cfg.length_buckets, cfg.stop_at_layer, cfg.label_only_logits) == (False, False, False, False)
+    assert cfg.compile_bridge is False and cfg.compile_layers is True
     assert cfg.batch_buckets == (1, 8) and cfg.dtype == "bf16"
 
 
@@ -107,6 +112,32 @@ def test_dtype_mismatch_is_refused(engines):
 
 
 # ---- masks ----------------------------------------------------------------------------------------------------
+def test_a_compiler_failure_falls_back_to_eager():
+    def data_dependent(x):  # .item() breaks the graph, which fullgraph=True refuses: the compile fails
+        return x + 1 if x.sum().item() > 0 else x - 1
+
+    fn = _MaybeCompiled(data_dependent, "test function")
+    assert torch.equal(fn(torch.ones(2)), torch.full((2,), 2.0))
+    assert fn.error is not None and fn.error.startswith("test function: ")
+    assert torch.equal(fn(-torch.ones(2)), torch.full((2,), -2.0))  # from then on, eagerly
+
+
+def test_bridge_functions_are_cached_per_module_and_released(engines):
+    sender, receiver = engines
+    encoder = next(iter(sender.bridges.by_id.values())).module
+    adapter = next(iter(receiver.bridges.by_id.values())).module
+    assert encoder_fn(encoder, "int8", compile=True) is encoder_fn(encoder, "int8", compile=True)
+    assert encoder_fn(encoder, "int8", compile=True) is not encoder_fn(encoder, None, compile=True)
+    assert adapter_fn(adapter, compile=True) is adapter_fn(adapter, compile=True)
+    first = encoder_fn(encoder, "int8", compile=True)
+    release_caches()
+    assert encoder_fn(encoder, "int8", compile=True) is not first
+    states = torch.randn(2, 5, sender.lm.hidden_size)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    values, scales = encoder_fn(encoder, "int8", compile=False)(states, mask)  # the eager function is the reference
+    assert values.dtype == torch.int8 and scales.shape == (2, encoder.config.num_latents)
+
+
 def test_attention_masks(engines):
     tiny_sender, tiny_receiver = engines[0].lm, engines[1].lm
     m = attention_masks(tiny_sender.model.config, torch.arange(5), 5)

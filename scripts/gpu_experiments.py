@@ -12,6 +12,9 @@ separate processes; on one GPU that is slower — time-slicing — so scripts/gp
              3. the bridge method on the test splits (+ SST-2's labelled validation split);
   baselines  linear probe, sender/receiver zero-shot, receiver few-shot, text relay;
   prompt     prompt tuning (the bridge's budget: same steps, lr, batch, schedule; K vectors);
+  sweep      recipe variants on one task (--sweep "K=8,d=64,L=24,lr=2e-4;K=32,d=256"), --sweep-seeds each, trained
+             jointly; each variant's bridge rows (test + SST-2 validation) go to <work>/sweep/, with the carved
+             validation accuracy that would choose among them; nothing is shipped
   pack       results.tar.gz (results/*.json, pipeline_*.json, runs' config.json + diagnostics.jsonl) into --pack;
   all        everything in turn, in one process.
 The bridges role writes --pack/shipped_<task>.tar (the bridge to ship) as soon as the bridges are trained.
@@ -110,7 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="smoke runs: first N rows of each evaluated split")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--deadline-s", type=float, default=None, help="baselines: skip methods that would start after this")
-    p.add_argument("--role", default="all", choices=["all", "bridges", "baselines", "prompt", "pack"],
+    p.add_argument("--sweep", default="K=8,d=64;K=32,d=256", help="role sweep: ';'-separated variants of K, d (d_wire), "
+                                                                    "L (sender layer), lr")
+    p.add_argument("--sweep-task", default="sst2")
+    p.add_argument("--sweep-seeds", type=int, default=2)
+    p.add_argument("--role", default="all", choices=["all", "bridges", "baselines", "prompt", "sweep", "pack"],
                    help="bridges: ablation + bridges + their eval; baselines / prompt: the other methods "
                         "(three processes can share one GPU); pack: archive results; all: everything in turn")
     p.add_argument("--threads", type=int, default=4, help="CPU threads per process")
@@ -299,6 +306,70 @@ def role_baselines(args, work: Path, results: Path, methods: list[str], pipeline
         phase_done(f"eval_{method}", t0)
 
 
+SWEEP_KEYS = {"K": ("soft_tokens", int), "d": ("d_wire", int), "L": ("sender_layer", int), "lr": ("lr", float)}
+
+
+def parse_sweep(text: str) -> list[dict]:
+    variants = []
+    for part in (p.strip() for p in text.split(";")):
+        if not part:
+            continue
+        variant = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if key.strip() not in SWEEP_KEYS:
+                raise SystemExit(f"--sweep: unknown key {key!r} (known: {', '.join(SWEEP_KEYS)})")
+            field, cast = SWEEP_KEYS[key.strip()]
+            variant[field] = cast(value)
+        variants.append(variant)
+    return variants
+
+
+def variant_name(variant: dict) -> str:
+    short = {field: key for key, (field, _) in SWEEP_KEYS.items()}
+    return "_".join(f"{short[k]}{v}" for k, v in variant.items()) or "default"
+
+
+def role_sweep(args, work: Path, pipeline: dict, phase_done, models) -> None:
+    """Recipe variants on one task, --sweep-seeds each; rows for the record (selection by carved validation)."""
+    sender, receiver, store = models
+    task, done, t0 = args.sweep_task, pipeline["phases"], time.perf_counter()
+    variants = parse_sweep(args.sweep)
+    configs, outs, names = [], [], []
+    for variant in variants:
+        for seed in range(args.sweep_seeds):
+            configs.append(TrainConfig(task=task, seed=seed, **{**base_config(args), **variant}))
+            outs.append(work / "sweep" / task / variant_name(variant) / f"seed{seed}")
+            names.append(f"{variant_name(variant)}-s{seed}")
+    if "sweep_train" in done and all((o / "model.safetensors").exists() for o in outs):
+        metas = [read_meta(o) for o in outs]
+    else:
+        resume = args.continue_run and all(list((o / "checkpoints").glob("step_*/trainer_state.json")) for o in outs)
+        metas = train_bridges(configs, outs, sender, receiver, store, names=names, resume=resume,
+                              desc=f"sweep ({len(configs)} trained jointly)", progress=not args.no_progress)
+        phase_done("sweep_train", t0, wall_s=metas[0].training["wall_time_s"])
+    t0 = time.perf_counter()
+    settings = eval_settings(args, args.wire_dtype)
+    rows = []
+    for variant in variants:
+        name = variant_name(variant)
+        dirs = [o for o, n in zip(outs, names) if n.rsplit("-s", 1)[0] == name]
+        docs = evaluate_task(task, sender, receiver, dirs, ["bridge"], work / "sweep" / f"{task}_{name}.json",
+                             splits_of(task), settings, store)
+        carved = [read_meta(d).training["validation_accuracy"] for d in dirs]
+        row = {"variant": variant, "name": name, "carved_validation": carved,
+               "carved_validation_mean": sum(carved) / len(carved)}
+        for split, doc in docs.items():
+            row[split] = doc["methods"]["bridge"]["accuracy"]
+        rows.append(row)
+        log(f"sweep {name}: carved validation {[round(100 * c, 1) for c in carved]} "
+            + " ".join(f"{k} {[round(100 * a, 1) for a in row[k]]}" for k in docs))
+    (work / "sweep" / f"sweep_{task}.json").write_text(json.dumps(
+        {"task": task, "steps": args.steps, "seeds": args.sweep_seeds, "rows": rows,
+         "note": "choose by carved_validation (rows carved from train); test shown, never used to choose"}, indent=2) + "\n")
+    phase_done("sweep_eval", t0)
+
+
 def print_tables(results: Path) -> None:
     for path in sorted(results.glob("*.json")):
         doc = json.loads(path.read_text())
@@ -340,6 +411,8 @@ def main(argv=None) -> int:
     if args.role != "pack":
         sender, receiver = load_models(args, pipeline)
         models = (sender, receiver, StatesStore(args.states_cache, batch_size=256 if args.device.startswith("cuda") else 32))
+    if args.role == "sweep":
+        role_sweep(args, work, pipeline, phase_done, models)
     if args.role in ("bridges", "all"):
         role_bridges(args, work, results, packer, pipeline, phase_done, models)
     if args.role == "all":

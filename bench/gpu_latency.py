@@ -19,7 +19,8 @@ after every section so a timeout still leaves what was measured):
               (max batch b, 2 ms max delay, b closed-loop clients): requests/s and per-request latency
   parity_fp32 last (it converts the models): the same weights upcast to fp32 in place give the exact answer;
               the fast path passes when its bf16 error against it is no larger than the eager path's bf16 error
-              (× 1.5, or 0.02 absolute, whichever is larger) and it gets the fp32 top label wherever eager does
+              (× 1.5, or 0.02 absolute, whichever is larger) and its top-1 agreement with fp32 is at most 5 points
+              (≥ 1 row) under eager's, over the bench input + --parity-rows texts
 The gRPC services measurement is not here (services_b1_ms_p50 stays null): the services bench fills it.
 """
 
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--relay-runs", type=int, default=10, help="timed runs of the graph-captured relay")
     p.add_argument("--relay-eager-runs", type=int, default=3, help="timed runs of the eager HF-generate relay")
     p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--parity-rows", type=int, default=64, help="AG News test rows (natural lengths) of the parity checks")
     p.add_argument("--throughput-seconds", type=float, default=3.0)
     p.add_argument("--copy-bytes", type=int, default=1 << 30)
     p.add_argument("--skip", default="", help="comma-separated sections to skip: ablations,relay,throughput")
@@ -427,18 +429,18 @@ def main(argv: list[str] | None = None) -> int:
     # -- parity
     @section("parity")
     def _parity():
-        mixed = [r.text for r in load_split(TASK, "test", limit=8)]  # natural lengths: several buckets
+        mixed = [r.text for r in load_split(TASK, "test", limit=args.parity_rows)]  # natural lengths: several buckets
         rows = {}
         state["parity_probs"] = {}
-        for name, texts in (("b1_bench_input", text), ("b8_mixed_lengths", mixed)):
+        for name, texts in (("b1_bench_input", text), ("mixed_lengths", mixed)):
             eager = eager_bridge(s_engine, r_engine, texts, wire).float().cpu()
             fast = pipe.classify_batch(texts, TASK)
             state["parity_probs"][name] = (texts, eager, fast.float().cpu())
             diff = (fast - eager).abs().max().item()
             rows[name] = {"max_abs_prob_diff": diff, "top1_agree": float((fast.argmax(-1) == eager.argmax(-1)).float().mean()),
                           "eager_b0": [round(x, 5) for x in eager[0].tolist()], "fast_b0": [round(x, 5) for x in fast[0].tolist()]}
-        latents_e, _ = s_engine.encode(mixed, TASK)
-        latents_f, _ = pipe.sender.encode(mixed, TASK)
+        latents_e, _ = s_engine.encode(mixed[:8], TASK)
+        latents_f, _ = pipe.sender.encode(mixed[:8], TASK)
         rows["sender_latents_rel_err"] = float((latents_f.float() - latents_e.float()).norm() / latents_e.float().norm())
         tol = 2e-2 if s_engine.lm.dtype != torch.float32 else 1e-4
         rows["tolerance"] = tol
@@ -622,10 +624,12 @@ def main(argv: list[str] | None = None) -> int:
             rows[name] = {"eager_bf16_max_abs_diff": e, "fast_bf16_max_abs_diff": f,
                           "fp32_b0": [round(x, 5) for x in ref[0].tolist()]}
         limit = max(0.02, 1.5 * worst_eager)
+        top1_ok = agree_fast >= agree_eager - max(1, round(0.05 * n))  # 5 points of the rows (at least one row)
         rows.update(eager_bf16_max_abs_diff=worst_eager, fast_bf16_max_abs_diff=worst_fast, limit=limit,
                     top1_agree_eager=f"{agree_eager}/{n}", top1_agree_fast=f"{agree_fast}/{n}",
-                    rule="fast within max(0.02, 1.5 × eager's bf16 error) of fp32, and the fp32 top label wherever eager has it",
-                    ok=worst_fast <= limit and agree_fast >= agree_eager)
+                    rule="fast within max(0.02, 1.5 × eager's bf16 error) of fp32, and its top-1 agreement with fp32 at "
+                         "most 5 points of the rows (≥ 1 row) under eager's",
+                    ok=worst_fast <= limit and top1_ok)
         R["parity_fp32"] = rows
         R["parity"]["ok_vs_fp32"] = rows["ok"]
         print(f"parity vs fp32: eager bf16 max|dp| {worst_eager:.4f}, fast bf16 {worst_fast:.4f} (limit {limit:.4f}); "
@@ -660,7 +664,7 @@ def print_table(R: dict) -> None:
     par = R.get("parity", {})
     if par:
         print(f"parity vs eager         ok={par.get('ok')}  max|dp| b1 {par.get('b1_bench_input', {}).get('max_abs_prob_diff', float('nan')):.2e}"
-              f"  b8 {par.get('b8_mixed_lengths', {}).get('max_abs_prob_diff', float('nan')):.2e}  (tol {par.get('tolerance')})")
+              f"  mixed {par.get('mixed_lengths', {}).get('max_abs_prob_diff', float('nan')):.2e}  (tol {par.get('tolerance')})")
     for name, row in R.get("ablations_b1_model_ms", {}).items():
         print(f"  ablation {f(row['p50']):>8} ms  {name}")
     rel = R.get("relay", {})

@@ -86,7 +86,8 @@ class FastPathConfig:
     dtype: str = "auto"  # dtype the LLMs must be loaded in: "auto" (bf16 on CUDA, fp32 on CPU), "bf16",
     #                      "fp16" or "fp32"; the fast path checks it, loaders use `torch_dtype(device)`
     wire_dtype: str = "int8"  # codec run inside the graphs by encode_quantized / classify_quantized
-    max_graphs: int = 64  # captured graphs per side; shapes beyond this run the static code eagerly
+    max_graphs: int = 128  # captured graphs per side; shapes beyond this run the static code eagerly (a service
+    #                        warms batch buckets × lengths 16–128 per bridge: 24 graphs a bridge at max batch 32)
 
     def __post_init__(self) -> None:
         for name in ("cuda_graphs", "length_buckets", "fused_layers", "compile_layers", "compile_bridge", "stop_at_layer",
@@ -109,6 +110,11 @@ class FastPathConfig:
     @property
     def max_batch(self) -> int:
         return self.batch_buckets[-1]
+
+    def buckets_upto(self, batch_size: int) -> tuple[int, ...]:
+        """The batch buckets that batches of 1..batch_size land in (what a service warms up)."""
+        b = self.batch_buckets
+        return tuple(x for i, x in enumerate(b) if i == 0 or b[i - 1] < batch_size)
 
     def torch_dtype(self, device: str | torch.device) -> torch.dtype:
         if self.dtype == "auto":
@@ -221,25 +227,31 @@ class StaticRunner:
     Outputs are static tensors too: they are overwritten by the next run, so copy out what you keep.
     """
 
-    def __init__(self, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], graph: bool, pool: Any = None, warmup: int = 2):
+    def __init__(self, fn: Callable[..., Any], inputs: dict[str, torch.Tensor], graph: bool, pool: Any = None, warmup: int = 2,
+                 device: torch.device | None = None):
         self.fn, self.inputs, self.graph = fn, inputs, None
+        self.device = device if device is not None else next(iter(inputs.values())).device
         if graph:
-            # Warm up on a side stream (lazy inits, cuBLAS workspaces, kernel selection), then capture.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(warmup):
-                    fn(**inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
-                self.outputs = fn(**inputs)
+            # Streams, capture and replay belong to the inputs' GPU, which need not be the current one (a sender on
+            # cuda:0 and a receiver on cuda:1 in one process): without this the capture runs on cuda:0's stream.
+            with torch.cuda.device(self.device):
+                # Warm up on a side stream (lazy inits, cuBLAS workspaces, kernel selection), then capture.
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), torch.no_grad():
+                    for _ in range(warmup):
+                        fn(**inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                    self.outputs = fn(**inputs)
 
     @torch.no_grad()
     def run(self) -> Any:
         if self.graph is None:
             return self.fn(**self.inputs)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.outputs
 
 
@@ -247,9 +259,14 @@ class _RunnerCache:
     """Runners keyed by static shape; at most `max_graphs` of them are captured graphs."""
 
     def __init__(self, device: torch.device, config: FastPathConfig):
+        self.device = device
         self.use_graphs = config.cuda_graphs and device.type == "cuda"
         self.max_graphs = config.max_graphs
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        if self.use_graphs:
+            with torch.cuda.device(device):
+                self.pool = torch.cuda.graph_pool_handle()
+        else:
+            self.pool = None
         self.runners: dict[tuple, StaticRunner] = {}
         self.graphs = 0
 
@@ -260,7 +277,7 @@ class _RunnerCache:
             graph = self.use_graphs and self.graphs < self.max_graphs
             if self.use_graphs and not graph:
                 log.warning("fast path: %d graphs captured; shape %s runs without a graph", self.graphs, key)
-            runner = StaticRunner(fn, inputs, graph=graph, pool=self.pool)
+            runner = StaticRunner(fn, inputs, graph=graph, pool=self.pool, device=self.device)
             self.graphs += int(graph)
             self.runners[key] = runner
         return runner

@@ -29,4 +29,7 @@ class ReceiverWork:
         for bridge_id, bridge in self.engine.bridges.by_id.items():
             c = bridge.meta.config
             self.classify_latents(bridge_id, list(torch.randn(batch_size, c.num_latents, c.d_wire)))
+            if self.classifier is not self.engine:  # fast path: every batch bucket, so no request waits for a capture
+                sizes = self.classifier.config.buckets_upto(batch_size)
+                self.classifier.warmup(bridge.meta.task, sizes, wire=None, bridge_id=bridge_id)
         self.classify_text(next(iter(self.engine.bridges.by_task), next(iter(TASKS))), ["warm-up"] * batch_size)

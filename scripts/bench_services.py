@@ -1,6 +1,8 @@
 """Benchmark the sender and receiver services: per-stage latency (p50/p99) and wire bytes, per wire dtype.
 
-Starts both services in this process on loopback (rpc.harness.ServiceThread), then for each wire dtype sends
+Starts both services in this process on loopback (rpc.harness.ServiceThread) — or, with --processes, as two
+`telepathy serve` processes like a deployment (no GIL shared with each other or with the client) — then for each
+wire dtype sends
 `-n` relays one at a time (batch-1 latency, from the services' own timings_us) and `-n` more from
 `--concurrency` client threads (throughput, and what batching does to latency); then the text path.
 
@@ -19,9 +21,14 @@ one for random:tiny-*): the numbers are about speed and bytes, not accuracy. Not
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +45,7 @@ from protos.telepathy.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from receiver_service.app import build_receiver
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import make_sync_channel
-from rpc.harness import ServiceThread, make_untrained_bridges
+from rpc.harness import ServiceThread, make_untrained_bridges, wait_until_serving
 from rpc.service import resolve_device
 from sender_service.app import build_sender
 from sender_service.settings import SenderSettings
@@ -128,6 +135,38 @@ def update_gpu_latency(path: Path, results: dict, meta: dict) -> None:
           f"(bench model p50 {model if model is None else round(model, 2)} ms)")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    """`python -m bridge.cli serve ROLE …` in its own process (stdout/stderr to LOG); stop() sends SIGTERM (drain)."""
+
+    def __init__(self, role: str, options: dict, log_path: Path):
+        self.address = f"127.0.0.1:{options['port']}"
+        argv = [sys.executable, "-m", "bridge.cli", "serve", role]
+        for key, value in options.items():
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+    def wait(self, timeout: float) -> "ServiceProcess":
+        wait_until_serving(self.address, timeout=timeout, alive=lambda: self.proc.poll() is None)
+        return self
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
 def print_table(results: dict) -> None:
     header = f"{'path':<14}{'conc':>5}{'bytes':>8}" + "".join(f"{s:>20}" for s in STAGES) + f"{'client':>16}{'req/s':>9}"
     print(header)
@@ -154,6 +193,9 @@ def main() -> int:
                    help="AG News articles cut to this many sender tokens (default: the short mixed texts)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="wire dtypes to measure")
     p.add_argument("--gpu-latency-json", type=Path, help="fill services_b1_ms_p50 in this bench/gpu_latency.py JSON")
+    p.add_argument("--processes", action="store_true", help="run each service in its own process (as deployed)")
+    p.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()), help="--processes: folder for their logs")
+    p.add_argument("--startup-timeout-s", type=float, default=900.0)
     p.add_argument("-n", type=int, default=100, help="relays per dtype and mode")
     p.add_argument("--concurrency", type=int, default=16, help="client threads for the throughput run (0 = skip)")
     p.add_argument("--text-n", type=int, default=10, help="text-path relays (0 = skip)")
@@ -169,16 +211,34 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory()
     bridges = args.bridges or str(make_untrained_bridges(tmp.name, sender_lm, receiver_lm, tasks=[args.task],
                                                          **bridge_shape(sender_lm, receiver_lm, args.sender_layer)))
-    common = dict(port=0, bridges=bridges, max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms)
-    receiver_settings = ReceiverSettings(model=args.receiver, device=r_dev, **common)
-    receiver = ServiceThread(lambda: build_receiver(receiver_settings, receiver_lm), "receiver").start()
-    sender_settings = SenderSettings(model=args.sender, receiver_addr=receiver.address, device=s_dev,
-                                     max_relay_tokens=max(args.relay_tokens, 1), **common)
-    sender = ServiceThread(lambda: build_sender(sender_settings, sender_lm), "sender").start()
+    common = dict(bridges=bridges, max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms)
+    texts = bench_texts(sender_lm, args.n, args.input_tokens)
+    if args.processes:  # the services load their own copies; free this process's before they start
+        del sender_lm, receiver_lm
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        args.logs.mkdir(parents=True, exist_ok=True)
+        receiver = ServiceProcess("receiver", dict(model=args.receiver, device=r_dev, port=free_port(), **common),
+                                  args.logs / "bench_receiver.log").wait(args.startup_timeout_s)
+        sender = ServiceProcess("sender", dict(model=args.sender, device=s_dev, port=free_port(),
+                                               receiver_addr=receiver.address, max_relay_tokens=max(args.relay_tokens, 1),
+                                               **common), args.logs / "bench_sender.log")
+        try:
+            sender.wait(args.startup_timeout_s)
+        except Exception:
+            receiver.stop()
+            sender.stop()
+            raise
+    else:
+        receiver_settings = ReceiverSettings(model=args.receiver, device=r_dev, port=0, **common)
+        receiver = ServiceThread(lambda: build_receiver(receiver_settings, receiver_lm), "receiver").start()
+        sender_settings = SenderSettings(model=args.sender, receiver_addr=receiver.address, device=s_dev, port=0,
+                                         max_relay_tokens=max(args.relay_tokens, 1), **common)
+        sender = ServiceThread(lambda: build_sender(sender_settings, sender_lm), "sender").start()
     results: dict[str, list[dict]] = {}
     try:
         stub = sender_pb2_grpc.SenderStub(make_sync_channel(sender.address))
-        texts = bench_texts(sender_lm, args.n, args.input_tokens)
         for name, dtype in DTYPES.items():
             if name not in args.dtypes.split(","):
                 continue
@@ -196,7 +256,7 @@ def main() -> int:
         receiver.stop()
         tmp.cleanup()
 
-    placement = "one device" if s_dev == r_dev else "two devices"
+    placement = ("one device" if s_dev == r_dev else "two devices") + (", two processes" if args.processes else ", one process")
     print(f"sender {args.sender} on {s_dev} → receiver {args.receiver} on {r_dev}; task {args.task}; "
           f"max batch {args.max_batch_size}, max queue delay {args.max_queue_delay_ms} ms")
     print_table(results)
@@ -208,6 +268,7 @@ def main() -> int:
             "receiver_device": r_dev, "placement": placement, "gpu": [torch.cuda.get_device_name(d) for d in
                                                                        sorted({s_dev, r_dev})] if device.startswith("cuda") else None,
             "input_tokens": args.input_tokens, "sender_layer": args.sender_layer, "grpc": grpc.__version__,
+            "processes": args.processes, "max_queue_delay_ms": args.max_queue_delay_ms,
             "protobuf": protobuf_version}
     if args.gpu_latency_json and "bridge/int8" in results:
         update_gpu_latency(args.gpu_latency_json, results, meta)

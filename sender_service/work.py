@@ -27,9 +27,14 @@ class SenderWork:
         return [(r, len(tok(r, add_special_tokens=False)["input_ids"])) for r in relays]
 
     def warmup(self, batch_size: int, wire_dtype: str) -> None:
-        """One max-size batch through every loaded encoder, and a short max-size generation."""
+        """One max-size batch through every loaded encoder, and a short max-size generation. On the fast path, every
+        batch bucket a batch of ≤ batch_size can use, at lengths 16–128, so no request waits for a graph capture."""
         texts = ["warm-up " * 8] * batch_size
         for bridge_id, bridge in self.engine.bridges.by_id.items():
             self.encode((bridge.meta.task, bridge_id, wire_dtype), texts)
+            if self.encoder is not self.engine:
+                lengths = tuple(t for t in (16, 32, 64, 128) if t <= self.engine.max_text_tokens)
+                self.encoder.warmup(bridge.meta.task, self.encoder.config.buckets_upto(batch_size),
+                                    lengths, wire=wire_dtype, bridge_id=bridge_id)
         # Two tokens exercise the whole generate path without paying for a full relay per row.
         self.generate((next(iter(self.engine.bridges.by_task), next(iter(TASKS))), 2), texts)

@@ -87,6 +87,10 @@ def test_cli_flags_turn_each_optimisation_off():
          "--dtype", "bf16", "--no-compile-bridge"]))
     assert (cfg.cuda_graphs, cfg.length_buckets, cfg.stop_at_layer, cfg.label_only_logits) == (False, False, False, False)
     assert cfg.compile_bridge is False and cfg.compile_layers is True
+    assert FastPathConfig().buckets_upto(32) == (1, 2, 4, 8, 16, 32)
+    assert FastPathConfig().buckets_upto(20) == (1, 2, 4, 8, 16, 32)  # 17..20 land in 32
+    assert FastPathConfig(batch_buckets=(1, 8, 32)).buckets_upto(1) == (1,)
+    assert FastPathConfig(batch_buckets=(1, 8, 32)).buckets_upto(100) == (1, 8, 32)  # larger batches are split
     assert cfg.batch_buckets == (1, 8) and cfg.dtype == "bf16"
 
 

@@ -344,13 +344,33 @@ def decoder_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wqkv: t
     return torch.addmm(x, F.silu(g) * u, wdown.t()).view(B, T, H)
 
 
-_COMPILED: dict[str, Any] = {"fn": None, "error": None}
+class _MaybeCompiled:
+    """`fn` under torch.compile (dynamic batch/length); after a compiler error outside capture it logs the error
+    and runs `fn` eagerly from then on (a compiler failure must not take the fast path down)."""
+
+    def __init__(self, fn: Callable[..., Any], name: str):
+        self.eager, self.name, self.error = fn, name, None
+        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.error is None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                self.error = f"{self.name}: {type(exc).__name__}: {exc}"
+                log.warning("torch.compile failed; running it uncompiled: %s", self.error)
+        return self.eager(*args)
 
 
-def _compiled_block() -> Callable[..., torch.Tensor]:
-    if _COMPILED["fn"] is None:
-        _COMPILED["fn"] = torch.compile(decoder_block, dynamic=True, fullgraph=True)
-    return _COMPILED["fn"]
+_DECODER_BLOCK: dict[str, _MaybeCompiled] = {}  # one compiled decoder_block for every layer of every model
+
+
+def _compiled_block() -> _MaybeCompiled:
+    if "fn" not in _DECODER_BLOCK:
+        _DECODER_BLOCK["fn"] = _MaybeCompiled(decoder_block, "decoder layer")
+    return _DECODER_BLOCK["fn"]
 
 
 def supports_fused(lm: LanguageModel) -> bool:
@@ -421,18 +441,10 @@ class FusedDecoder:
         window = getattr(self.config, "sliding_window", None)
         mask = attention_masks(self.config, positions, T) if window and T > window else None  # None: is_causal
         layers = self.layers[: num_layers or len(self.layers)]
-        use_compiled = compile and _COMPILED["error"] is None
-        block = _compiled_block() if use_compiled else decoder_block
-        try:
-            for wqkv, wo, wgu, wdown, ln1, ln2, eps in layers:
-                x = block(x, cos, sin, wqkv, wo, wgu, wdown, ln1, ln2, mask, eps, self.nh, self.nkv, self.hd, self.scale,
-                          self.nh != self.nkv)
-        except Exception as exc:  # noqa: BLE001 - a compiler failure must not take the fast path down
-            if not use_compiled or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise
-            _COMPILED["error"] = f"{type(exc).__name__}: {exc}"
-            log.warning("torch.compile of the decoder layer failed; running it uncompiled: %s", _COMPILED["error"])
-            return self(ids, embeds, num_layers, final_norm, compile=False)
+        block = _compiled_block() if compile else decoder_block  # falls back to decoder_block on a compiler error
+        for wqkv, wo, wgu, wdown, ln1, ln2, eps in layers:
+            x = block(x, cos, sin, wqkv, wo, wgu, wdown, ln1, ln2, mask, eps, self.nh, self.nkv, self.hd, self.scale,
+                      self.nh != self.nkv)
         return self.lm.backbone.norm(x) if final_norm else x
 
 
@@ -459,32 +471,23 @@ def release_caches() -> None:
 
 def compile_error() -> str | None:
     """Why torch.compile of the decoder layer or of a bridge was abandoned in this process (None: it was not)."""
-    errors = [e for e in [_COMPILED["error"], *(f.error for fns in _BRIDGE_FNS.values() for f in fns.values())] if e]
+    fns = [*_DECODER_BLOCK.values(), *(f for cached in _BRIDGE_FNS.values() for f in cached.values())]
+    errors = [f.error for f in fns if f.error]
     return "; ".join(errors) or None
-
-
-class _MaybeCompiled:
-    """`fn` under torch.compile (dynamic batch/length); after a compiler error outside capture it logs the error
-    and runs `fn` eagerly from then on (a compiler failure must not take the fast path down)."""
-
-    def __init__(self, fn: Callable[..., Any], name: str):
-        self.eager, self.name, self.error = fn, name, None
-        self.compiled = torch.compile(fn, dynamic=True, fullgraph=True)
-
-    def __call__(self, *args: Any) -> Any:
-        if self.error is None:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # noqa: BLE001
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise
-                self.error = f"{self.name}: {type(exc).__name__}: {exc}"
-                log.warning("torch.compile failed; running it uncompiled: %s", self.error)
-        return self.eager(*args)
 
 
 # bridge module → {(role, wire): compiled function}; weak, so unloading a bridge frees its compiled code too
 _BRIDGE_FNS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, _MaybeCompiled]]" = weakref.WeakKeyDictionary()
+
+
+def _bridge_fn(module: nn.Module, key: tuple, run: Callable[..., Any], compile: bool, name: str) -> Callable[..., Any]:
+    """`run` itself, or its compiled version cached per (bridge module, key)."""
+    if not compile:
+        return run
+    cached = _BRIDGE_FNS.setdefault(module, {})
+    if key not in cached:
+        cached[key] = _MaybeCompiled(run, name)
+    return cached[key]
 
 
 def encoder_fn(encoder: nn.Module, wire: str | None, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], Any]:
@@ -493,10 +496,7 @@ def encoder_fn(encoder: nn.Module, wire: str | None, compile: bool) -> Callable[
         latents = encoder(states, key_mask)  # [B, K, d_wire]
         return quantize(latents, wire) if wire else (latents, None)
 
-    if not compile:
-        return run
-    fns = _BRIDGE_FNS.setdefault(encoder, {})
-    return fns.setdefault(("encoder", wire), _MaybeCompiled(run, f"bridge encoder ({wire or 'float'})"))
+    return _bridge_fn(encoder, ("encoder", wire), run, compile, f"bridge encoder ({wire or 'float'})")
 
 
 def adapter_fn(adapter: nn.Module, compile: bool) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
@@ -504,17 +504,13 @@ def adapter_fn(adapter: nn.Module, compile: bool) -> Callable[[torch.Tensor, tor
     def run(values: torch.Tensor, scales: torch.Tensor | None):
         return adapter(dequantize(values, scales))
 
-    if not compile:
-        return run
-    fns = _BRIDGE_FNS.setdefault(adapter, {})
-    return fns.setdefault(("adapter",), _MaybeCompiled(run, "bridge adapter"))
+    return _bridge_fn(adapter, ("adapter",), run, compile, "bridge adapter")
 
 
-# ---- sender -------------------------------------------------------------------------------------------------
-class SenderFastPath:
-    """SenderEngine's `encode`, with static shapes and CUDA graphs. Thread-safe (one replay at a time)."""
+class _FastSide:
+    """What both sides hold: the engine and its model, the config, the runners of their static shapes, one lock."""
 
-    def __init__(self, engine: SenderEngine, config: FastPathConfig | None = None):
+    def __init__(self, engine: SenderEngine | ReceiverEngine, config: FastPathConfig | None = None):
         self.engine, self.lm = engine, engine.lm
         self.config = config or FastPathConfig()
         self.device = self.lm.device
@@ -522,6 +518,11 @@ class SenderFastPath:
         self.pad_id = int(self.lm.tokenizer.pad_token_id)
         self._runners = _RunnerCache(self.device, self.config)
         self._lock = threading.Lock()
+
+
+# ---- sender -------------------------------------------------------------------------------------------------
+class SenderFastPath(_FastSide):
+    """SenderEngine's `encode`, with static shapes and CUDA graphs. Thread-safe (one replay at a time)."""
 
     # shapes
     def length_for(self, n: int) -> int:
@@ -624,20 +625,14 @@ class SenderFastPath:
 
 
 # ---- receiver -----------------------------------------------------------------------------------------------
-class ReceiverFastPath:
+class ReceiverFastPath(_FastSide):
     """ReceiverEngine's `classify_latents` / `classify_text`, with static shapes and CUDA graphs."""
 
     def __init__(self, engine: ReceiverEngine, config: FastPathConfig | None = None):
-        self.engine, self.lm = engine, engine.lm
-        self.config = config or FastPathConfig()
-        self.device = self.lm.device
-        _check_dtype(self.lm, self.config)
-        self.pad_id = int(self.lm.tokenizer.pad_token_id)
-        self._runners = _RunnerCache(self.device, self.config)
+        super().__init__(engine, config)
         self._label_rows: dict[tuple[int, ...], torch.Tensor] = {}
         self._fused = fused_decoder(self.lm, self.config)
         self._compile = self.config.compile_layers and self.device.type == "cuda"
-        self._lock = threading.Lock()
 
     def _label_weight(self, label_ids: torch.Tensor) -> torch.Tensor:
         """The L label rows of the LM head, float32 [L, H] (gathered once, outside any graph)."""

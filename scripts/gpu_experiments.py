@@ -335,12 +335,14 @@ def role_sweep(args, work: Path, pipeline: dict, phase_done, models) -> None:
     sender, receiver, store = models
     task, done, t0 = args.sweep_task, pipeline["phases"], time.perf_counter()
     variants = parse_sweep(args.sweep)
-    configs, outs, names = [], [], []
+    configs, outs, names, dirs_of = [], [], [], {}
     for variant in variants:
-        for seed in range(args.sweep_seeds):
+        name = variant_name(variant)
+        dirs_of[name] = [work / "sweep" / task / name / f"seed{seed}" for seed in range(args.sweep_seeds)]
+        for seed, out in enumerate(dirs_of[name]):
             configs.append(TrainConfig(task=task, seed=seed, **{**base_config(args), **variant}))
-            outs.append(work / "sweep" / task / variant_name(variant) / f"seed{seed}")
-            names.append(f"{variant_name(variant)}-s{seed}")
+            outs.append(out)
+            names.append(f"{name}-s{seed}")
     if "sweep_train" in done and all((o / "model.safetensors").exists() for o in outs):
         metas = [read_meta(o) for o in outs]
     else:
@@ -353,7 +355,7 @@ def role_sweep(args, work: Path, pipeline: dict, phase_done, models) -> None:
     rows = []
     for variant in variants:
         name = variant_name(variant)
-        dirs = [o for o, n in zip(outs, names) if n.rsplit("-s", 1)[0] == name]
+        dirs = dirs_of[name]
         docs = evaluate_task(task, sender, receiver, dirs, ["bridge"], work / "sweep" / f"{task}_{name}.json",
                              splits_of(task), settings, store)
         carved = [read_meta(d).training["validation_accuracy"] for d in dirs]

@@ -23,9 +23,10 @@ _ENVELOPE_BYTES = 4096  # protobuf framing, ids, task names and fingerprints aro
 class ReceiverService(BaseService):
     name = "receiver"
     service_name = receiver_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
+    bridge_half = "receiver"
 
-    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None):
-        super().__init__(settings, lm)
+    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None, host=None):
+        super().__init__(settings, lm, host)
         self.engine: ReceiverEngine | None = None
         self.work: ReceiverWork | None = None
         self.soft_tokens = self.batcher("receiver_soft_tokens", lambda key, items: self.work.classify_latents(key, items))

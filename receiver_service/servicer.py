@@ -75,6 +75,15 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         probs, timing = await self.service.texts.submit(req.text, key=spec.name, deadline=deadline)
         return self._result(req.request_id, spec.name, spec.labels, probs, timing, received)
 
+    async def classify_item(self, req: receiver_pb2.ClassifyStreamRequest, deadline: float | None,
+                            received: float) -> common_pb2.ClassifyResult:
+        """One stream item (soft tokens or a relay text) → its result. Also the in-process way in (pair_service)."""
+        if req.HasField("soft_tokens") == req.HasField("text"):
+            raise invalid("soft_tokens", "set exactly one of soft_tokens and text")
+        if req.HasField("soft_tokens"):
+            return await self._classify(req.soft_tokens, deadline, received, "soft_tokens")
+        return await self._classify_text(req.text, deadline, received, "text.")
+
     # ---- unary RPCs -----------------------------------------------------------------------------------------
     @grpc_method("Classify")
     async def Classify(self, request, context):
@@ -167,12 +176,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
             if req.timeout_ms < 0:
                 raise invalid("timeout_ms", f"must not be negative, got {req.timeout_ms}")
             deadline = received + req.timeout_ms / 1000 if req.timeout_ms else None
-            if req.HasField("soft_tokens") == req.HasField("text"):
-                raise invalid("soft_tokens", "set exactly one of soft_tokens and text")
-            if req.HasField("soft_tokens"):
-                result = await self._classify(req.soft_tokens, deadline, received, "soft_tokens")
-            else:
-                result = await self._classify_text(req.text, deadline, received, "text.")
+            result = await self.classify_item(req, deadline, received)
             response = receiver_pb2.ClassifyStreamResponse(request_id=request_id, result=result)
         except asyncio.CancelledError:
             raise

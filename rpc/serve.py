@@ -1,4 +1,7 @@
-"""`telepathy serve sender|receiver`: run one service until SIGTERM/SIGINT, then drain and exit 0.
+"""`telepathy serve sender|receiver|pair`: run one service until SIGTERM/SIGINT, then drain and exit 0.
+
+`pair` runs the sender and the receiver in one process (pair_service): both gRPC services on one port, the
+bridge path in one model call. Use it when both models share a GPU (or two GPUs of one host).
 
 Every option also reads an environment variable (CLI > env > default; table in docs/SERVICES.md). The auth
 token comes from TELEPATHY_AUTH_TOKEN only: a command line is visible to every user of the machine.
@@ -15,6 +18,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
+from pair_service.settings import PairSettings
 from receiver_service.settings import ReceiverSettings
 from sender_service.settings import SenderSettings
 
@@ -22,7 +26,7 @@ from .settings import SettingsError, from_sources, option_name
 
 log = logging.getLogger(__name__)
 ENV_ONLY = {"auth_token"}
-ROLES = {"sender": SenderSettings, "receiver": ReceiverSettings}
+ROLES = {"sender": SenderSettings, "receiver": ReceiverSettings, "pair": PairSettings}
 
 
 def _option_fields():
@@ -39,13 +43,13 @@ def _option_fields():
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="run the sender or receiver gRPC service", description=__doc__,
+    p = subparsers.add_parser("serve", help="run the sender or receiver gRPC service, or both in one process (pair)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=list(ROLES), help="which service to run")
     for f, typ, defaults in _option_fields():
         values = set(map(str, defaults.values()))
         default = next(iter(values)) if len(values) == 1 else ", ".join(f"{r} {d}" for r, d in defaults.items())
-        only = "" if len(defaults) == len(ROLES) else f"{next(iter(defaults))} only; "
+        only = "" if len(defaults) == len(ROLES) else f"{' and '.join(defaults)} only; "
         help_text = f"{f.metadata['help']} ({only}env {f.metadata['env']}; default: {default or 'none'})"
         if typ is bool:
             p.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -60,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
     names = {f.name for f in fields(cls)}
     foreign = [option_name(f.name) for f, _, _ in _option_fields() if f.name not in names and getattr(args, f.name) is not None]
     if foreign:
-        print(f"telepathy serve {args.role}: {', '.join(foreign)} only apply to the other service", file=sys.stderr)
+        print(f"telepathy serve {args.role}: {', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to this role", file=sys.stderr)
         return 2
     try:
         settings = from_sources(cls, {n: getattr(args, n, None) for n in names})
@@ -74,6 +78,8 @@ async def run_service(role: str, settings) -> int:
     """Start the service, wait for SIGTERM/SIGINT, drain. Runs the whole life of `telepathy serve`."""
     if role == "sender":
         from sender_service.app import build_sender as build
+    elif role == "pair":
+        from pair_service.app import build_pair as build
     else:
         from receiver_service.app import build_receiver as build
     loop = asyncio.get_running_loop()

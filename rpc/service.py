@@ -70,21 +70,33 @@ class BaseService:
     attach() (build engines once the model is loaded) and warmup(); both run on the model thread.
 
     The port is bound before the model loads, so health answers NOT_SERVING during loading and warm-up.
+    A service built with `host=` is a part of that one (pair_service: the receiver inside the sender's process):
+    it adds its servicer and batchers to the host's server, model thread, metrics and state, and the host runs
+    the life cycle.
     """
 
     name = "service"
     service_name = ""
+    bridge_half = "sender"  # which half of each bridge checkpoint attach() gets: "sender" or "receiver"
 
-    def __init__(self, settings: ServiceSettings, lm: LanguageModel | None = None):
+    def __init__(self, settings: ServiceSettings, lm: LanguageModel | None = None, host: "BaseService | None" = None):
         self.settings = settings
         self._preloaded = lm
         self.lm: LanguageModel | None = None
+        if host is not None:
+            self.metrics, self.grpc, self.state = host.metrics, host.grpc, host.state
+            self.executor, self.batchers = host.executor, host.batchers
+            return
         self.metrics = ServiceMetrics(self.name, VERSION)
-        self.grpc = GrpcServer(settings, [self.service_name], self.metrics)
+        self.grpc = GrpcServer(settings, self.service_names(), self.metrics)
         self.state = ServiceState(self.name)
         # One model thread: the model and tokenizer are not re-entrant, and the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-model")
         self.batchers: list[DynamicBatcher] = []
+
+    def service_names(self) -> list[str]:
+        """The gRPC services this server answers for (health and reflection list them)."""
+        return [self.service_name]
 
     def batcher(self, name: str, run_batch) -> DynamicBatcher:
         s = self.settings
@@ -121,7 +133,7 @@ class BaseService:
 
     def _load(self) -> None:
         lm = self._preloaded or load_lm(self.settings)
-        bridges = load_bridge_set(self.settings.bridges, lm, self.name, lm.device)
+        bridges = load_bridge_set(self.settings.bridges, lm, self.bridge_half, lm.device)
         log.info("%s bridges from %s: %s", self.name, self.settings.bridges,
                  sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
         self.lm = lm

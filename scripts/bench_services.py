@@ -1,7 +1,8 @@
 """Benchmark the sender and receiver services: per-stage latency (p50/p99) and wire bytes, per wire dtype.
 
 Starts both services in this process on loopback (rpc.harness.ServiceThread) — or, with --processes, as two
-`telepathy serve` processes like a deployment (no GIL shared with each other or with the client) — then for each
+`telepathy serve` processes like a deployment (no GIL shared with each other or with the client); with --pair,
+one `telepathy serve pair` (both models in one service, the bridge path fused into one model call) — then for each
 wire dtype sends
 `-n` relays one at a time (batch-1 latency, from the services' own timings_us) and `-n` more from
 `--concurrency` client threads (throughput, and what batching does to latency); then the text path.
@@ -13,6 +14,8 @@ wire dtype sends
     python scripts/bench_services.py --sender random:llama-3.1-8b --receiver random:mistral-7b-v0.3 --device cuda \
         --sender-layer 28 --input-tokens 64 --dtypes int8 --gpu-latency-json results/gpu_latency.json
     # two GPUs of one host: --sender-device cuda:0 --receiver-device cuda:1
+    # sender and receiver in one process (telepathy serve pair); with --processes as its own process:
+    python scripts/bench_services.py --pair --processes ...
 
 Without --bridges, untrained bridges are made for the pair (the default bridge shape for real models, a tiny
 one for random:tiny-*): the numbers are about speed and bytes, not accuracy. Not a test.
@@ -43,6 +46,8 @@ from bridge.lm import LanguageModel
 from bridge.models import TINY_RECEIVER, TINY_SENDER
 from protos.telepathy.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from receiver_service.app import build_receiver
+from pair_service.app import build_pair
+from pair_service.settings import PairSettings
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import make_sync_channel
 from rpc.harness import ServiceThread, make_untrained_bridges, wait_until_serving
@@ -194,6 +199,7 @@ def main() -> int:
     p.add_argument("--dtypes", default=",".join(DTYPES), help="wire dtypes to measure")
     p.add_argument("--gpu-latency-json", type=Path, help="fill services_b1_ms_p50 in this bench/gpu_latency.py JSON")
     p.add_argument("--processes", action="store_true", help="run each service in its own process (as deployed)")
+    p.add_argument("--pair", action="store_true", help="one pair service (telepathy serve pair) instead of two services")
     p.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()), help="--processes: folder for their logs")
     p.add_argument("--startup-timeout-s", type=float, default=900.0)
     p.add_argument("-n", type=int, default=100, help="relays per dtype and mode")
@@ -213,12 +219,22 @@ def main() -> int:
                                                          **bridge_shape(sender_lm, receiver_lm, args.sender_layer)))
     common = dict(bridges=bridges, max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms)
     texts = bench_texts(sender_lm, args.n, args.input_tokens)
+    receiver = None
     if args.processes:  # the services load their own copies; free this process's before they start
         del sender_lm, receiver_lm
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         args.logs.mkdir(parents=True, exist_ok=True)
+    if args.pair and args.processes:
+        sender = ServiceProcess("pair", dict(model=args.sender, device=s_dev, receiver_model=args.receiver,
+                                             receiver_device=r_dev, port=free_port(), max_relay_tokens=max(args.relay_tokens, 1),
+                                             **common), args.logs / "bench_pair.log").wait(args.startup_timeout_s)
+    elif args.pair:
+        pair_settings = PairSettings(model=args.sender, receiver_model=args.receiver, device=s_dev, receiver_device=r_dev,
+                                     port=0, max_relay_tokens=max(args.relay_tokens, 1), **common)
+        sender = ServiceThread(lambda: build_pair(pair_settings, sender_lm, receiver_lm), "pair").start()
+    elif args.processes:
         receiver = ServiceProcess("receiver", dict(model=args.receiver, device=r_dev, port=free_port(), **common),
                                   args.logs / "bench_receiver.log").wait(args.startup_timeout_s)
         sender = ServiceProcess("sender", dict(model=args.sender, device=s_dev, port=free_port(),
@@ -253,10 +269,13 @@ def main() -> int:
             results["text"] = [run(stub, reqs, 1)]
     finally:
         sender.stop()
-        receiver.stop()
+        if receiver is not None:
+            receiver.stop()
         tmp.cleanup()
 
-    placement = ("one device" if s_dev == r_dev else "two devices") + (", two processes" if args.processes else ", one process")
+    placement = ("one device" if s_dev == r_dev else "two devices") + (
+        ", pair service" + (" (own process)" if args.processes else " (in the bench process)") if args.pair
+        else ", two processes" if args.processes else ", one process")
     print(f"sender {args.sender} on {s_dev} → receiver {args.receiver} on {r_dev}; task {args.task}; "
           f"max batch {args.max_batch_size}, max queue delay {args.max_queue_delay_ms} ms")
     print_table(results)
@@ -268,7 +287,7 @@ def main() -> int:
             "receiver_device": r_dev, "placement": placement, "gpu": [torch.cuda.get_device_name(d) for d in
                                                                        sorted({s_dev, r_dev})] if device.startswith("cuda") else None,
             "input_tokens": args.input_tokens, "sender_layer": args.sender_layer, "grpc": grpc.__version__,
-            "processes": args.processes, "max_queue_delay_ms": args.max_queue_delay_ms,
+            "processes": args.processes, "pair": args.pair, "max_queue_delay_ms": args.max_queue_delay_ms,
             "protobuf": protobuf_version}
     if args.gpu_latency_json and "bridge/int8" in results:
         update_gpu_latency(args.gpu_latency_json, results, meta)

@@ -28,10 +28,19 @@ class SenderService(BaseService):
         self.work: SenderWork | None = None
         self.encoder = self.batcher("sender_encode", lambda key, items: self.work.encode(key, items))
         self.generator = self.batcher("sender_generate", lambda key, items: self.work.generate(key, items))
-        self.link = ReceiverPool(settings.receiver_addr, settings.receiver_client(), self.metrics,
-                                 streams=settings.receiver_streams, wait_s=settings.receiver_wait_s)
+        self.link = self._make_link()
         self.servicer = SenderServicer(self)
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
+
+    def _make_link(self):
+        """The way to the receiver: a ReceiverPool of streams (pair_service: the receiver in this process)."""
+        s = self.settings
+        return ReceiverPool(s.receiver_addr, s.receiver_client(), self.metrics, streams=s.receiver_streams,
+                            wait_s=s.receiver_wait_s)
+
+    def fused_bridge(self, task: str) -> bool:
+        """Whether a bridge-path Relay for `task` runs sender and receiver in one model call (pair_service)."""
+        return False
 
     def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
         self.engine = SenderEngine(lm, bridges)

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from bridge.codec import wire_nbytes
 from bridge.engine import BridgeNotFoundError
 from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
 from rpc.checks import check_text, require_task
-from rpc.convert import VERSION, bridge_info, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb
+from rpc.convert import (
+    VERSION, bridge_info, classify_result, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb,
+)
 from rpc.errors import ServiceError, grpc_method, invalid
 from rpc.service import deadline_from
 
@@ -70,6 +73,8 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         path = request.path or sender_pb2.PATH_BRIDGE
         if path not in _PATH_NAMES:
             raise invalid("path", f"unknown path enum value {path}; expected PATH_BRIDGE or PATH_TEXT")
+        if path == sender_pb2.PATH_BRIDGE and self.service.fused_bridge(request.task):
+            return await self._relay_fused(request, deadline, received)
         if path == sender_pb2.PATH_BRIDGE:
             wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, deadline)
             # No bridge_id: the receiver takes its bridge for the task and checks the fingerprint, so a mismatch
@@ -99,6 +104,24 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         self.metrics.wire_bytes.labels(_PATH_NAMES[path]).observe(wire_bytes)
         return sender_pb2.RelayResponse(result=result, path=path, wire_bytes=wire_bytes, relay_text=relay_text)
 
+    async def _relay_fused(self, request: sender_pb2.RelayRequest, deadline: float, received: float):
+        """Sender and receiver in this process (pair_service): one model call from text to label probabilities,
+        the soft tokens handed over on the device. Same answer as the two-service path (tests/test_services_pair.py)."""
+        require_task(request.task)
+        check_text(request.text, self.settings.max_text_chars)
+        meta = self.engine.bridges.resolve(request.task).meta  # fused_bridge() said both sides have it
+        dtype = wire_dtype_from_pb(request.wire_dtype, self.settings.wire_dtype)
+        probs, timing = await self.service.fused.submit(request.text, key=(meta.task, meta.bridge_id, dtype), deadline=deadline)
+        # sender_model is the whole fused call (sender, bridge, receiver); nothing crosses a wire or a second queue.
+        timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s), "wire": 0,
+                   "receiver_queue": 0, "receiver_model": 0}
+        timings["total"] = micros(time.monotonic() - received)
+        self.metrics.observe_stages({k: timings[k] for k in ("sender_queue", "sender_model", "total")})
+        result = classify_result(request.request_id or uuid.uuid4().hex, meta.task, meta.labels, probs, timings, meta.bridge_id)
+        wire_bytes = wire_nbytes(dtype, meta.config.num_latents, meta.config.d_wire)
+        self.metrics.wire_bytes.labels("bridge").observe(wire_bytes)
+        return sender_pb2.RelayResponse(result=result, path=sender_pb2.PATH_BRIDGE, wire_bytes=wire_bytes)
+
     @grpc_method("Encode")
     async def Encode(self, request: sender_pb2.EncodeRequest, context):
         received = time.monotonic()
@@ -125,6 +148,6 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         self.state.check(need_ready=False)
         return sender_pb2.SenderInfoResponse(
             version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in self.engine.bridges.metas()],
-            limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.settings.receiver_addr,
+            limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.service.link.address,
             receiver_connected=self.service.link.connected,
         )

@@ -22,6 +22,8 @@ from receiver_service.app import build_receiver
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import ClientSettings, make_sync_channel
 from rpc.harness import ServiceThread, wait_until_serving
+from pair_service.app import build_pair
+from pair_service.settings import PairSettings
 from sender_service.app import build_sender
 from sender_service.settings import SenderSettings
 
@@ -46,6 +48,13 @@ def start_sender(bridges, receiver_addr: str, **overrides) -> ServiceThread:
                      receiver_wait_s=2.0), **overrides}
     lm = LanguageModel.load(TINY_SENDER)
     return ServiceThread(lambda: build_sender(SenderSettings(**values), lm), "sender").start()
+
+
+def start_pair(bridges, **overrides) -> ServiceThread:
+    """Sender and receiver in one service (pair_service) on one port."""
+    values = {**dict(port=0, model=TINY_SENDER, receiver_model=TINY_RECEIVER, bridges=str(bridges), grace_s=5.0), **overrides}
+    lms = LanguageModel.load(TINY_SENDER), LanguageModel.load(TINY_RECEIVER)
+    return ServiceThread(lambda: build_pair(PairSettings(**values), *lms), "pair").start()
 
 
 def sender_stub(address: str, settings: ClientSettings | None = None):
@@ -123,9 +132,9 @@ class ServiceProcess:
                  model: str | None = None):
         self.role, self.port = role, port
         self.address = f"127.0.0.1:{port}"
-        model = model or (TINY_SENDER if role == "sender" else TINY_RECEIVER)
+        model = model or (TINY_RECEIVER if role == "receiver" else TINY_SENDER)
         cmd = [sys.executable, "-m", "bridge.cli", "serve", role, "--model", model, "--bridges", str(bridges),
-               "--port", str(port), "--device", "cpu", *args]
+               "--port", str(port), "--device", "cpu", *(["--receiver-model", TINY_RECEIVER] if role == "pair" else []), *args]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("TELEPATHY_")}
         clean.update(env or {})
         clean["PYTHONUNBUFFERED"] = "1"

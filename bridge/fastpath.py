@@ -792,6 +792,32 @@ class FastPipeline:
         ids, lengths = self.sender.tokenize(texts)
         return self.classify_ids(ids, lengths, task, bridge_id).cpu()
 
+    @torch.no_grad()
+    def classify_async(self, texts: list[str], task: str, bridge_id: str = "") -> "PendingProbs":
+        """classify_batch without waiting: returns once the batch is queued on the device, so a batcher can
+        tokenise and queue the next batch while this one runs. `.result()` → probs [B, L] on the CPU."""
+        ids, lengths = self.sender.tokenize(texts)
+        probs = self.classify_ids(ids, lengths, task, bridge_id)  # [B, L], a fresh tensor (not a graph buffer)
+        if probs.device.type != "cuda":
+            return PendingProbs(probs.cpu(), None)
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)  # queued behind this batch only; the next one can follow at once
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(probs.device))
+        return PendingProbs(host, done)
+
+
+class PendingProbs:
+    """FastPipeline.classify_async's answer: a host tensor that is complete once `done` has fired."""
+
+    def __init__(self, host: torch.Tensor, done: "torch.cuda.Event | None"):
+        self._host, self._done = host, done
+
+    def result(self) -> torch.Tensor:
+        if self._done is not None:
+            self._done.synchronize()  # this batch only, not the batches queued after it
+        return self._host
+
 
 # ---- text relay baseline ------------------------------------------------------------------------------------
 class RelayGenerator:

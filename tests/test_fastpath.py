@@ -286,6 +286,10 @@ def test_pipeline_matches_eager_engines(engines, config, lengths):
     assert fast.device.type == "cpu" and fast.dtype == torch.float32
     # int8 rounding may flip for values on a rounding boundary when the latents differ in the last ulp
     torch.testing.assert_close(fast, eager, rtol=1e-4, atol=1e-5)
+    # queued without waiting (a pipelined batcher's call): the same answer once it is complete
+    pending = [pipeline.classify_async(texts, TASK), pipeline.classify_async(texts[::-1], TASK)]
+    torch.testing.assert_close(pending[0].result(), fast, rtol=0, atol=0)
+    torch.testing.assert_close(pending[1].result(), fast.flip(0), rtol=1e-4, atol=1e-5)
 
 
 # ---- text relay -----------------------------------------------------------------------------------------------

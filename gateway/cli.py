@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="", help="cpu, cuda, cuda:N (default: each service's default)")
     p.add_argument("--startup-timeout-s", type=float, default=900.0, help="give up if not ready after this long")
     p.add_argument("--access-log", action="store_true", help="log every gateway request")
+    p.add_argument("--pair", action="store_true",
+                   help="one `telepathy serve pair` process (both models, on --sender-port) instead of two services")
     p.set_defaults(func=_up)
 
     # -- bench -----------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def _up(args: argparse.Namespace) -> int:
     try:
         config = UpConfig(port=args.port, sender_model=args.sender_model, receiver_model=args.receiver_model,
                           sender_port=args.sender_port, receiver_port=args.receiver_port, device=args.device,
-                          startup_timeout_s=args.startup_timeout_s, access_log=args.access_log,
+                          startup_timeout_s=args.startup_timeout_s, access_log=args.access_log, pair=args.pair,
                           **({"bridges": args.bridges} if args.bridges else {}))
     except ValueError as exc:
         print(f"up: {exc}", file=sys.stderr)

@@ -4,6 +4,9 @@
     sender    telepathy serve sender   --model S --bridges B --port 50051 --receiver-addr 127.0.0.1:50052
     gateway   telepathy gateway        --port 8000 --sender-addr 127.0.0.1:50051 --receiver-addr 127.0.0.1:50052
 
+With --pair, one `telepathy serve pair` (both models, the Sender and Receiver services on --sender-port) replaces
+the receiver and the sender, and the gateway reaches both services at that one address.
+
 Each child runs in its own process group (so a terminal Ctrl-C reaches only this launcher, which then stops the
 children in order: gateway first so no new work arrives, then sender, then receiver), with PR_SET_PDEATHSIG on
 Linux (so even a SIGKILLed launcher leaves no orphans). Their output is streamed with a name prefix.
@@ -49,17 +52,23 @@ class UpConfig:
     startup_timeout_s: float = 900.0  # first start converts the embedded GGUF files: minutes, not seconds
     stop_timeout_s: float = 15.0  # per process, SIGTERM → SIGKILL
     access_log: bool = False  # per-request gateway log lines (off: a bench run would flood the console)
+    pair: bool = False  # one `telepathy serve pair` on sender_port instead of two services (one GPU)
 
     def __post_init__(self) -> None:
-        ports = [self.port, self.sender_port, self.receiver_port]
-        if len(set(ports)) != 3 or any(not 0 < p < 65536 for p in ports):
-            raise ValueError(f"ports must be three distinct values in 1..65535, got {ports}")
+        ports = self.ports
+        if len(set(ports)) != len(ports) or any(not 0 < p < 65536 for p in ports):
+            raise ValueError(f"ports must be {len(ports)} distinct values in 1..65535, got {ports}")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def ports(self) -> list[int]:
+        """The ports this configuration listens on (the pair has no receiver port of its own)."""
+        return [self.port, self.sender_port] + ([] if self.pair else [self.receiver_port])
 
 
 class _Console:
@@ -110,13 +119,20 @@ class Launcher:
         receiver_addr = f"{LOOPBACK}:{c.receiver_port}"
         sender_addr = f"{LOOPBACK}:{c.sender_port}"
         device = ["--device", c.device] if c.device else []
+        gateway = cli + ["gateway", "--host", LOOPBACK, "--port", str(c.port), "--sender-addr", sender_addr,
+                         "--receiver-addr", sender_addr if c.pair else receiver_addr] + ([] if c.access_log else ["--no-access-log"])
+        if c.pair:
+            return {
+                "pair": cli + ["serve", "pair", "--model", c.sender_model, "--receiver-model", c.receiver_model,
+                               "--bridges", c.bridges, "--host", LOOPBACK, "--port", str(c.sender_port)] + device,
+                "gateway": gateway,
+            }
         return {
             "receiver": cli + ["serve", "receiver", "--model", c.receiver_model, "--bridges", c.bridges,
                                "--host", LOOPBACK, "--port", str(c.receiver_port)] + device,
             "sender": cli + ["serve", "sender", "--model", c.sender_model, "--bridges", c.bridges,
                              "--host", LOOPBACK, "--port", str(c.sender_port), "--receiver-addr", receiver_addr] + device,
-            "gateway": cli + ["gateway", "--host", LOOPBACK, "--port", str(c.port), "--sender-addr", sender_addr,
-                              "--receiver-addr", receiver_addr] + ([] if c.access_log else ["--no-access-log"]),
+            "gateway": gateway,
         }
 
     def environment(self) -> dict[str, str]:
@@ -134,7 +150,7 @@ class Launcher:
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def run(self) -> int:
         """Start, wait until ready, serve until a signal or a child's death, stop. Returns the exit code."""
-        busy = [p for p in (self.config.port, self.config.sender_port, self.config.receiver_port) if not _port_free(p)]
+        busy = [p for p in self.config.ports if not _port_free(p)]
         if busy:
             self.say(f"port(s) {busy} already in use on {LOOPBACK} (another `telepathy up`?); choose others with "
                      "--port / --sender-port / --receiver-port")
@@ -162,8 +178,8 @@ class Launcher:
     def start(self) -> None:
         env = self.environment()
         cmds = self.commands()
-        # All three are forked before any pump thread exists: preexec_fn is only safe in a single-threaded parent.
-        for name in ("receiver", "sender", "gateway"):
+        # All are forked before any pump thread exists: preexec_fn is only safe in a single-threaded parent.
+        for name in cmds:
             self.procs[name] = subprocess.Popen(
                 cmds[name], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True, preexec_fn=_set_pdeathsig if sys.platform == "linux" else None,
@@ -224,8 +240,10 @@ class Launcher:
         body = json.dumps({"task": task, "text": "a gripping, beautifully acted film", "path": path})
         key = ' -H "Authorization: Bearer $TELEPATHY_API_KEY"' if os.environ.get("TELEPATHY_API_KEYS") else ""
         self.say(f"Telepathy is up: {url}  (API docs: {url}/docs)")
+        receiver_port = self.config.sender_port if self.config.pair else self.config.receiver_port
         self.say(f"  sender   {self.config.sender_model} on grpc {LOOPBACK}:{self.config.sender_port}")
-        self.say(f"  receiver {self.config.receiver_model} on grpc {LOOPBACK}:{self.config.receiver_port}")
+        self.say(f"  receiver {self.config.receiver_model} on grpc {LOOPBACK}:{receiver_port}"
+                 + ("  (one pair process: the bridge path is one model call)" if self.config.pair else ""))
         if path == "text":
             self.say(f"  no bridge for any task under {self.config.bridges}: the bridge path answers 404; "
                      "the text path works")
@@ -245,9 +263,9 @@ class Launcher:
         return 0
 
     def stop(self) -> None:
-        """Gateway first (no new work), then sender, then receiver; SIGTERM, then SIGKILL after the timeout.
-        Finally SIGKILL each whole process group, so helpers a service may have spawned go too."""
-        for name in ("gateway", "sender", "receiver"):
+        """Gateway first (no new work), then sender (or pair), then receiver; SIGTERM, then SIGKILL after the
+        timeout. Finally SIGKILL each whole process group, so helpers a service may have spawned go too."""
+        for name in ("gateway", "pair", "sender", "receiver"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue

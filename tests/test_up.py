@@ -78,21 +78,23 @@ class Up:
                 pass
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
-def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig):
+@pytest.mark.parametrize("sig, pair", [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGKILL, False),
+                                       (signal.SIGTERM, True)], ids=["SIGINT", "SIGTERM", "SIGKILL", "pair-SIGTERM"])
+def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig, pair):
     port, sender_port, receiver_port = _free_ports(3)
     up = Up("--port", str(port), "--sender-port", str(sender_port), "--receiver-port", str(receiver_port),
             "--sender-model", "random:tiny-llama", "--receiver-model", "random:tiny-gemma",
-            "--bridges", str(tiny_bridges_dir), "--startup-timeout-s", "120")
+            "--bridges", str(tiny_bridges_dir), "--startup-timeout-s", "120", *(["--pair"] if pair else []))
+    services = ("pair", "gateway") if pair else ("receiver", "sender", "gateway")
     try:
         up.wait_for(READY_LINE, timeout=150)
         out = "\n".join(up.lines)
         assert f"Telepathy is up: http://127.0.0.1:{port}" in out
         assert f"curl -s http://127.0.0.1:{port}/v1/classify" in out  # an example to copy
-        for name in ("receiver", "sender", "gateway"):  # the services' own logs, prefixed
+        for name in services:  # the services' own logs, prefixed
             assert re.search(rf"^{name} +\| .+", out, re.M), name
         pids = up.child_pids()
-        assert set(pids) == {"receiver", "sender", "gateway"}
+        assert set(pids) == set(services)
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as c:
             assert c.get("/readyz").status_code == 200
@@ -100,6 +102,8 @@ def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig):
                 r = c.post("/v1/classify", json={"text": "a gripping , beautifully acted film", "task": "sst2",
                                                  "path": path})
                 assert r.status_code == 200, r.text
+                if pair and path == "bridge":  # one fused model call: no stream hop, no receiver stage
+                    assert r.json()["timings_ms"]["wire"] == 0 and r.json()["timings_ms"]["receiver"] == 0, r.json()
 
         up.proc.send_signal(sig)
         rc = up.proc.wait(timeout=60)
@@ -110,7 +114,7 @@ def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig):
             up._reader.join(5)
             tail = "\n".join(up.lines[-12:])
             assert f"{signal.Signals(sig).name} received; stopping" in tail
-            for name in ("gateway", "sender", "receiver"):
+            for name in services:
                 assert re.search(rf"{name} stopped \((exit code 0|by SIGTERM)\)", tail), tail
         # No orphans: every child is gone (for SIGKILL, via PR_SET_PDEATHSIG → SIGTERM → drain), ports are free.
         end = time.monotonic() + 30
@@ -118,6 +122,8 @@ def test_up_serves_then_stops_cleanly(tiny_bridges_dir, sig):
             time.sleep(0.2)
         assert not [name for name, p in pids.items() if _alive(p)]
         assert not any(_port_open(p) for p in (port, sender_port, receiver_port))
+        if pair:
+            assert f"receiver random:tiny-gemma on grpc 127.0.0.1:{sender_port}" in out
     finally:
         up.kill_all()
 

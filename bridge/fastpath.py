@@ -797,18 +797,11 @@ class FastPipeline:
         """classify_batch without waiting: returns once the batch is queued on the device, so a batcher can
         tokenise and queue the next batch while this one runs. `.result()` → probs [B, L] on the CPU."""
         ids, lengths = self.sender.tokenize(texts)
-        probs = self.classify_ids(ids, lengths, task, bridge_id)  # [B, L], a fresh tensor (not a graph buffer)
-        if probs.device.type != "cuda":
-            return PendingProbs(probs.cpu(), None)
-        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-        host.copy_(probs, non_blocking=True)  # queued behind this batch only; the next one can follow at once
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(probs.device))
-        return PendingProbs(host, done)
+        return to_host_async(self.classify_ids(ids, lengths, task, bridge_id))  # [B, L]: a fresh tensor
 
 
 class PendingProbs:
-    """FastPipeline.classify_async's answer: a host tensor that is complete once `done` has fired."""
+    """A device tensor on its way to the host: `result()` is complete once its copy (and only its) has finished."""
 
     def __init__(self, host: torch.Tensor, done: "torch.cuda.Event | None"):
         self._host, self._done = host, done
@@ -817,6 +810,18 @@ class PendingProbs:
         if self._done is not None:
             self._done.synchronize()  # this batch only, not the batches queued after it
         return self._host
+
+
+def to_host_async(t: torch.Tensor) -> PendingProbs:
+    """Queue a device→host copy of `t` (which must not be a graph buffer that a later replay overwrites) into pinned
+    memory behind the work that produces it, with an event: no stream-wide sync, so more work can be queued."""
+    if t.device.type != "cuda":
+        return PendingProbs(t.cpu(), None)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(t.device))
+    return PendingProbs(host, done)
 
 
 # ---- text relay baseline ------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
+
 from bridge.codec import decode_batch
 from receiver_service.work import ReceiverWork
+from rpc.batcher import Deferred
 from sender_service.work import SenderWork
 
 
@@ -26,27 +29,35 @@ class PairWork:
         # Both sides on the static-shape fast path: the quantized soft tokens stay on the device.
         self.on_device = sender.encoder is not sender.engine and receiver.classifier is not receiver.engine
 
-    def classify(self, key: tuple[str, str, str], texts: list[str]) -> list[list[float]]:
-        """key = (task, sender bridge id, wire dtype); B texts → B rows of label probabilities."""
+    @torch.no_grad()
+    def classify(self, key: tuple[str, str, str], texts: list[str]) -> list[list[float]] | Deferred:
+        """key = (task, sender bridge id, wire dtype); B texts → B rows of label probabilities. On the fast path the
+        rows come as a Deferred: the work is queued on the device and the model thread is free for the next batch."""
         task, bridge_id, dtype = key
         receiver_bridge = self.receiver_bridge[task]
         if self.on_device:
+            from bridge.fastpath import to_host_async
+
             fast = self.sender.encoder
             ids, lengths = fast.tokenize(texts)
             values, scales, _ = fast.encode_ids(ids, lengths, task, bridge_id, wire=dtype)  # [B, K, D], [B, K] | None
             probs, _ = self.receiver.classifier.classify_quantized(values, scales, task, receiver_bridge, wire_dtype=dtype)
-        else:  # the eager engines: the same bytes the stream would carry, decoded as the receiver would
-            wires, meta = self.sender.encoder.encode_wire(texts, task, dtype, bridge_id)
-            latents = decode_batch(wires, (meta.config.num_latents, meta.config.d_wire))  # [B, K, D] float32
-            probs, _ = self.receiver.classifier.classify_latents(latents, task, receiver_bridge)
-        return probs.cpu().tolist()  # [B, L]: the call's one host sync
+            pending = to_host_async(probs)  # [B, L]: the call's one host sync happens in wait()
+            return Deferred(lambda: pending.result().tolist())
+        # The eager engines: the same bytes the stream would carry, decoded as the receiver would.
+        wires, meta = self.sender.encoder.encode_wire(texts, task, dtype, bridge_id)
+        latents = decode_batch(wires, (meta.config.num_latents, meta.config.d_wire))  # [B, K, D] float32
+        probs, _ = self.receiver.classifier.classify_latents(latents, task, receiver_bridge)
+        return probs.cpu().tolist()  # [B, L]
 
     def warmup(self, batch_size: int, wire_dtype: str) -> None:
         """A max-size fused batch per shared task; on the fast path also the receiver's graphs for quantized
         soft tokens at every batch bucket (the receiver's own warm-up captured the float ones)."""
         texts = ["warm-up " * 8] * batch_size
         for task, receiver_bridge in self.receiver_bridge.items():
-            self.classify((task, self.sender.engine.bridges.by_task[task].meta.bridge_id, wire_dtype), texts)
+            rows = self.classify((task, self.sender.engine.bridges.by_task[task].meta.bridge_id, wire_dtype), texts)
+            if isinstance(rows, Deferred):
+                rows.wait()
             if self.on_device:
                 fast = self.receiver.classifier
                 fast.warmup(task, fast.config.buckets_upto(batch_size), wire=wire_dtype, bridge_id=receiver_bridge)

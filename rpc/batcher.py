@@ -9,6 +9,11 @@ call, so expired work is never done.
 
 `run_batch(key, items) -> results` runs in `executor` (one model thread per service: the model is not
 re-entrant, and the event loop stays free for I/O). A result that is an Exception fails only its own request.
+
+Pipelining: `run_batch` may return a `Deferred` instead — its work is queued on the device and `wait()` gives the
+results. When requests are queued behind it, the batcher waits for them on `waiter` (another thread) and meanwhile
+gathers and runs the next batch, with at most `max_in_flight` batches started and not yet answered; a lone batch
+is waited for on the model thread (no extra hand-off at batch 1).
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from typing import Any, Callable, Generic, Hashable, TypeVar
 log = logging.getLogger(__name__)
 I = TypeVar("I")
 R = TypeVar("R")
+
+
+class Deferred:
+    """A batch's results that are still being computed: `wait()` blocks until they are ready (off the model thread)."""
+
+    def __init__(self, wait: Callable[[], list]):
+        self.wait = wait
 
 
 class QueueFullError(Exception):
@@ -65,6 +77,8 @@ class DynamicBatcher(Generic[I, R]):
         max_queue_size: int,
         executor: Executor,
         metrics=None,  # rpc.metrics.ServiceMetrics; optional so the batcher is usable alone
+        waiter: Executor | None = None,  # where Deferred results are waited for (None: on `executor`)
+        max_in_flight: int = 1,
     ):
         self.name = name
         self._run_batch = run_batch
@@ -72,6 +86,10 @@ class DynamicBatcher(Generic[I, R]):
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._executor = executor
+        self._waiter = waiter or executor
+        self._max_in_flight = max_in_flight
+        self._slots: asyncio.Semaphore | None = None
+        self._finishing: set[asyncio.Task] = set()
         self._metrics = metrics
         self._pending: deque[_Entry] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -83,6 +101,7 @@ class DynamicBatcher(Generic[I, R]):
     def start(self) -> None:
         """Start the worker on the running loop."""
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._max_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
 
     def flush(self) -> None:
@@ -98,6 +117,7 @@ class DynamicBatcher(Generic[I, R]):
             self._wakeup.set()
         if self._task is not None:
             await self._task
+        await asyncio.gather(*self._finishing)
 
     @property
     def depth(self) -> int:
@@ -196,29 +216,61 @@ class DynamicBatcher(Generic[I, R]):
                 self._drop(first, "cancelled")
                 continue
             await self._wait_for_batch(first)
+            # At most max_in_flight batches started and not yet answered; the queue keeps filling meanwhile.
+            await self._slots.acquire()
             if first not in self._pending:  # dropped while we waited: the next oldest sets its own delay
+                self._slots.release()
                 continue
             live = self._live(self._take(first.key))
             if not live:
+                self._slots.release()
                 continue
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, first.key, [e.item for e in live])
-                if len(results) != len(live):
-                    raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results for {len(live)} items")
+                results = await loop.run_in_executor(self._executor, self._call, first.key, [e.item for e in live])
             except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
-                log.exception("%s: batch of %d failed", self.name, len(live))
-                results = [exc] * len(live)
-            model_s = time.monotonic() - started
-            if self._metrics is not None:
-                self._metrics.batch_size.labels(self.name).observe(len(live))
-            for e, result in zip(live, results):
-                if e.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    e.future.set_exception(result)
-                else:
-                    e.future.set_result((result, BatchTiming(started - e.enqueued, model_s, len(live))))
+                results = exc
+            if isinstance(results, Deferred):  # queued on the device: answer it from the waiter, go on meanwhile
+                task = loop.create_task(self._finish(live, results, started))
+                self._finishing.add(task)
+                task.add_done_callback(self._finishing.discard)
+                continue
+            self._slots.release()
+            self._deliver(live, results, started)
+
+    def _call(self, key: Hashable, items: list) -> Any:
+        """On the model thread. A Deferred with nobody queued behind it is waited for right here: a lone request
+        then costs no extra hand-off to the waiter (batch-1 latency); under load the waiter takes it."""
+        results = self._run_batch(key, items)
+        if isinstance(results, Deferred) and not self._pending:
+            return results.wait()
+        return results
+
+    async def _finish(self, live: list[_Entry], deferred: Deferred, started: float) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._waiter, deferred.wait)
+        except Exception as exc:  # noqa: BLE001
+            results = exc
+        finally:
+            self._slots.release()
+        self._deliver(live, results, started)
+
+    def _deliver(self, live: list[_Entry], results, started: float) -> None:
+        if not isinstance(results, BaseException) and len(results) != len(live):
+            results = RuntimeError(f"{self.name}: run_batch returned {len(results)} results for {len(live)} items")
+        if isinstance(results, BaseException):
+            log.error("%s: batch of %d failed", self.name, len(live), exc_info=results)
+            results = [results] * len(live)
+        model_s = time.monotonic() - started
+        if self._metrics is not None:
+            self._metrics.batch_size.labels(self.name).observe(len(live))
+        for e, result in zip(live, results):
+            if e.future.done():
+                continue
+            if isinstance(result, BaseException):
+                e.future.set_exception(result)
+            else:
+                e.future.set_result((result, BatchTiming(started - e.enqueued, model_s, len(live))))
 
     # ---- metrics --------------------------------------------------------------------------------------------
     def _set_depth(self) -> None:

@@ -85,13 +85,15 @@ class BaseService:
         self.lm: LanguageModel | None = None
         if host is not None:
             self.metrics, self.grpc, self.state = host.metrics, host.grpc, host.state
-            self.executor, self.batchers = host.executor, host.batchers
+            self.executor, self.waiter, self.batchers = host.executor, host.waiter, host.batchers
             return
         self.metrics = ServiceMetrics(self.name, VERSION)
         self.grpc = GrpcServer(settings, self.service_names(), self.metrics)
         self.state = ServiceState(self.name)
         # One model thread: the model and tokenizer are not re-entrant, and the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-model")
+        # Waits for batches queued on the device (batcher.Deferred), so the model thread can queue the next one.
+        self.waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-wait")
         self.batchers: list[DynamicBatcher] = []
 
     def service_names(self) -> list[str]:
@@ -101,7 +103,8 @@ class BaseService:
     def batcher(self, name: str, run_batch) -> DynamicBatcher:
         s = self.settings
         b = DynamicBatcher(name, run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_s,
-                           max_queue_size=s.max_queue_size, executor=self.executor, metrics=self.metrics)
+                           max_queue_size=s.max_queue_size, executor=self.executor, metrics=self.metrics,
+                           waiter=self.waiter, max_in_flight=s.max_batches_in_flight)
         self.batchers.append(b)
         return b
 
@@ -168,6 +171,7 @@ class BaseService:
         except BaseException:
             await self.grpc.server.stop(0)
             self.executor.shutdown(wait=False)
+            self.waiter.shutdown(wait=False)
             self.metrics.stop_http()
             raise
         self.state.ready = True
@@ -189,6 +193,7 @@ class BaseService:
         for b in self.batchers:
             await b.close()
         self.executor.shutdown(wait=True)
+        self.waiter.shutdown(wait=True)
         self.metrics.stop_http()
         log.info("%s stopped", self.name)
 

@@ -121,6 +121,9 @@ class ServiceSettings:
     max_queue_delay_ms: float = env_field(2.0, "TELEPATHY_MAX_QUEUE_DELAY_MS", "longest a request waits for batch-mates")
     # Bounded so overload turns into fast RESOURCE_EXHAUSTED answers instead of ever-growing latency.
     max_queue_size: int = env_field(256, "TELEPATHY_MAX_QUEUE_SIZE", "requests waiting per batcher before RESOURCE_EXHAUSTED")
+    # 2: a batch whose work is queued on the GPU lets the model thread queue the next one behind it (pair service,
+    # fast path), so the device does not idle while the host gathers and tokenises. 1 = one batch at a time.
+    max_batches_in_flight: int = env_field(2, "TELEPATHY_MAX_BATCHES_IN_FLIGHT", "batches queued on the device at once (1 = no pipelining)")
     max_text_chars: int = env_field(4000, "TELEPATHY_MAX_TEXT_CHARS", "longest input / relay text accepted")
     # 4 MiB = gRPC's usual receive limit, set explicitly on both ends and for sends too. The biggest legitimate
     # message is fp32 soft tokens: K × d_wire × 4 bytes (16 × 512 × 4 = 32 KiB for the default bridge);
@@ -142,7 +145,7 @@ class ServiceSettings:
         require(self.device in DEVICES or self.device.startswith("cuda:"), where(self, "device"),
                  f"{self.device!r} is not one of {', '.join(DEVICES)}, cuda:N")
         require(self.dtype in MODEL_DTYPES, where(self, "dtype"), f"{self.dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
-        for name in ("max_batch_size", "max_queue_size", "max_text_chars"):
+        for name in ("max_batch_size", "max_queue_size", "max_text_chars", "max_batches_in_flight"):
             require(getattr(self, name) >= 1, where(self, name), f"must be at least 1, got {getattr(self, name)}")
         require(self.max_queue_delay_ms >= 0, where(self, "max_queue_delay_ms"), "must not be negative")
         require(self.max_message_bytes >= 64 * 1024, where(self, "max_message_bytes"), "must be at least 65536")

@@ -167,3 +167,56 @@ def test_batcher_deadline_answers_on_time_and_the_next_request_keeps_its_delay()
     timing = asyncio.run(scenario())
     assert calls == [[2]]  # the expired request never ran
     assert timing.queue_s >= 0.25  # the next request still waited for batch-mates
+
+
+def test_batcher_pipelines_deferred_batches_up_to_the_limit():
+    """run_batch returning a Deferred (work queued on the device): the next batch starts before the first is
+    answered, never more than max_in_flight at once, answers keep their order, a failed wait fails its batch only."""
+    import threading
+
+    from rpc.batcher import Deferred
+
+    started: list[list[int]] = []
+    release = {i: threading.Event() for i in range(4)}
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def run(key, items):
+        n = len(started)
+        started.append(list(items))
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+
+        def wait():
+            release[n].wait(10)
+            with lock:
+                in_flight[0] -= 1
+            if n == 2:
+                raise ValueError("device fault")
+            return [i * 10 for i in items]
+
+        return Deferred(wait)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as waiter:
+            b = DynamicBatcher("t", run, max_batch_size=1, max_queue_delay_s=0.0, max_queue_size=8, executor=pool,
+                               waiter=waiter, max_in_flight=2)
+            b.start()
+            jobs = [asyncio.create_task(b.submit(i, key="a")) for i in range(4)]
+            for _ in range(100):  # two batches start, the third waits for a free slot
+                await asyncio.sleep(0.01)
+            assert started == [[0], [1]]
+            release[0].set()
+            while len(started) < 3:
+                await asyncio.sleep(0.01)
+            for i in (1, 2, 3):
+                release[i].set()
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            await b.close()
+            return results
+
+    results = asyncio.run(scenario())
+    assert started == [[0], [1], [2], [3]] and most[0] == 2
+    assert [r[0] for r in (results[0], results[1], results[3])] == [0, 10, 30]
+    assert isinstance(results[2], ValueError) and str(results[2]) == "device fault"

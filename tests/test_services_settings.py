@@ -9,6 +9,7 @@ import pytest
 from bridge.codec import WIRE_DTYPES
 from bridge.engine import SHIPPED_BRIDGES
 from bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+from pair_service.settings import PairSettings
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import ClientSettings
 from rpc.settings import SHIPPED_BRIDGES as SETTINGS_SHIPPED, SettingsError, env_vars, from_sources, is_loopback
@@ -26,6 +27,12 @@ def test_defaults_match_the_bridge_package():
     assert (s.port, r.port, s.receiver_addr, s.bridges) == (50051, 50052, "127.0.0.1:50052", str(SHIPPED_BRIDGES))
     assert (s.max_batch_size, s.max_queue_delay_ms, s.max_queue_size, s.metrics_port) == (32, 2.0, 256, 0)
     assert (s.wire_dtype, s.max_text_chars, s.max_relay_tokens, s.host) == ("int8", 4000, 48, "127.0.0.1")
+    assert s.max_batches_in_flight == 2
+    pair = PairSettings(device="cpu", max_batch_size=8)
+    assert (pair.port, pair.model, pair.receiver_model, pair.receiver_device) == (50051, DEFAULT_SENDER, DEFAULT_RECEIVER, "")
+    inner = pair.receiver_settings()  # the in-process receiver: every shared setting, its own model and device
+    assert (inner.model, inner.device, inner.max_batch_size) == (DEFAULT_RECEIVER, "cpu", 8)
+    assert PairSettings(device="cuda:0", receiver_device="cuda:1").receiver_settings().device == "cuda:1"
 
 
 def test_cli_beats_env_beats_default():
@@ -43,6 +50,8 @@ def test_cli_beats_env_beats_default():
     ({"TELEPATHY_WARMUP": "maybe"}, "TELEPATHY_WARMUP='maybe': expected 1/0, true/false, yes/no or on/off"),
     ({"TELEPATHY_PORT": "70000"}, "--port / TELEPATHY_PORT: 70000 is not a port number"),
     ({"TELEPATHY_MAX_BATCH_SIZE": "0"}, "--max-batch-size / TELEPATHY_MAX_BATCH_SIZE: must be at least 1, got 0"),
+    ({"TELEPATHY_MAX_BATCHES_IN_FLIGHT": "0"},
+     "--max-batches-in-flight / TELEPATHY_MAX_BATCHES_IN_FLIGHT: must be at least 1, got 0"),
     ({"TELEPATHY_DEVICE": "tpu"}, "--device / TELEPATHY_DEVICE: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
     ({"TELEPATHY_WIRE_DTYPE": "fp8"}, "--wire-dtype / TELEPATHY_WIRE_DTYPE: 'fp8' is not one of fp32, fp16, bf16, int8"),
     ({"TELEPATHY_RECEIVER_ADDR": "nohost"}, "--receiver-addr / TELEPATHY_RECEIVER_ADDR: expected HOST:PORT, got 'nohost'"),
@@ -70,6 +79,7 @@ def test_receiver_client_settings_follow_the_sender():
 
 def test_docs_name_every_environment_variable():
     text = DOCS.read_text(encoding="utf-8")
-    names = set(env_vars(SenderSettings)) | set(env_vars(ReceiverSettings)) | set(env_vars(ClientSettings))
+    names = set(env_vars(SenderSettings)) | set(env_vars(ReceiverSettings)) | set(env_vars(ClientSettings)) \
+        | set(env_vars(PairSettings))
     missing = sorted(n for n in names if f"`{n}`" not in text)
     assert not missing, f"docs/SERVICES.md does not document {missing}"

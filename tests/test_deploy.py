@@ -14,7 +14,8 @@ What is proved here (docs/DEPLOYMENT.md, "What was verified"):
   and tiny bridges, ports remapped to free loopback ports, is started as a local process in depends_on order,
   becomes healthy through its own compose healthcheck command, serves a classification through the gateway
   over HTTP, and stops cleanly on SIGTERM. The gateway process runs with the modules its image leaves out
-  blocked, the services with theirs blocked. No mocks.
+  blocked, the services with theirs blocked. No mocks. The same for the `pair` profile (pair + gateway-pair), with
+  the pair's TELEPATHY_DEVICE switched from cuda to cpu.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ DEPLOYMENT_DOC = ROOT / "docs" / "DEPLOYMENT.md"
 VENV_BIN = Path(sys.executable).parent
 TELEPATHY = VENV_BIN / "telepathy"
 
-TARGETS = ("receiver", "sender", "gateway")
-MODEL_ROLES = ("receiver", "sender")
+TARGETS = ("receiver", "sender", "gateway", "pair")
+MODEL_ROLES = ("receiver", "sender", "pair")
+TWO_SERVICE_TARGETS = ("receiver", "sender", "gateway")  # the ones that also run on the CPU profile and in k8s
 # Variables that are not Telepathy settings but may appear in image / pod environments.
 STANDARD_ENV = {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PIP_NO_CACHE_DIR",
                 "PIP_DISABLE_PIP_VERSION_CHECK"}
@@ -506,7 +508,12 @@ def service_env(compose: dict, name: str, host_env: dict[str, str]) -> dict[str,
 
 
 def _role_of(service: str) -> str:
-    return service.removesuffix("-cpu")
+    """Compose service → image target / CLI role: gateway-pair is a gateway, receiver-cpu a receiver."""
+    return "gateway" if service == "gateway-pair" else service.removesuffix("-cpu")
+
+
+def _profile_of(service: str) -> str | None:
+    return "cpu" if service.endswith("-cpu") else "pair" if service in ("pair", "gateway-pair") else None
 
 
 def _known_env(role: str) -> set[str]:
@@ -522,9 +529,11 @@ def _known_env(role: str) -> set[str]:
         return set(gw_settings.ENV_VARS.values()) | client
     if role == "receiver":
         return set(env_vars(ReceiverSettings)) | client | {embedded.CACHE_ENV, embedded.MODEL_FILES_ENV}
+    from pair_service.settings import PairSettings
     from sender_service.settings import SenderSettings
 
-    return set(env_vars(SenderSettings)) | client | {embedded.CACHE_ENV, embedded.MODEL_FILES_ENV}
+    cls = PairSettings if role == "pair" else SenderSettings
+    return set(env_vars(cls)) | client | {embedded.CACHE_ENV, embedded.MODEL_FILES_ENV}
 
 
 def _settings_for(role: str, env: dict[str, str]):
@@ -539,9 +548,10 @@ def _settings_for(role: str, env: dict[str, str]):
         from receiver_service.settings import ReceiverSettings
 
         return from_sources(ReceiverSettings, env=env)
+    from pair_service.settings import PairSettings
     from sender_service.settings import SenderSettings
 
-    return from_sources(SenderSettings, env=env)
+    return from_sources(PairSettings if role == "pair" else SenderSettings, env=env)
 
 
 HOST_ENV = {"TELEPATHY_AUTH_TOKEN": "compose-test-token", "TELEPATHY_API_KEYS": "key-one,key-two"}
@@ -550,18 +560,17 @@ HOST_ENV = {"TELEPATHY_AUTH_TOKEN": "compose-test-token", "TELEPATHY_API_KEYS": 
 def test_compose_structure(compose, dockerfile):
     _, stages = dockerfile
     services = compose["services"]
-    assert set(services) == {"receiver", "sender", "gateway", "receiver-cpu", "sender-cpu", "gateway-cpu"}
+    assert set(services) == {"receiver", "sender", "gateway", "receiver-cpu", "sender-cpu", "gateway-cpu", "pair",
+                             "gateway-pair"}
     for name, svc in services.items():
-        role = _role_of(name)
-        assert ("profiles" in svc) == name.endswith("-cpu"), f"{name}: GPU services are the default, CPU ones are profile cpu"
-        if name.endswith("-cpu"):
-            assert svc["profiles"] == ["cpu"]
+        role, profile = _role_of(name), _profile_of(name)
+        assert svc.get("profiles") == ([profile] if profile else None), f"{name}: GPU services are the default, the others profiles"
         assert svc["build"]["target"] == role and svc["build"]["dockerfile"] == "docker/Dockerfile"
         assert svc["build"]["context"] == "."
         assert "healthcheck" in svc, name
         for dep, cond in (svc.get("depends_on") or {}).items():
             assert cond == {"condition": "service_healthy"}, f"{name} -> {dep}"
-            assert dep in services and ("profiles" in services[dep]) == ("profiles" in svc), f"{name} -> {dep}: other profile"
+            assert dep in services and _profile_of(dep) == profile, f"{name} -> {dep}: other profile"
         # Only the gateway is published.
         assert ("ports" in svc) == (role == "gateway"), f"{name}: only the gateway publishes a port"
         gpu = (svc.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices")
@@ -576,8 +585,17 @@ def test_compose_structure(compose, dockerfile):
             assert mounts["/cache"] == "model-cache" and "model-cache" in compose["volumes"]
             assert mounts["/cache"] in compose["volumes"], "the converted-model cache is a named volume"
             assert "/models" in mounts and "/bridges" in mounts
+    # The pair: the two models of the default services, one GPU (configurable), and the gateway pointed at it.
+    pair_env, sender_env = service_env(compose, "pair", HOST_ENV), service_env(compose, "sender", HOST_ENV)
+    receiver_env = service_env(compose, "receiver", HOST_ENV)
+    assert pair_env["TELEPATHY_MODEL"] == sender_env["TELEPATHY_MODEL"]
+    assert pair_env["TELEPATHY_RECEIVER_MODEL"] == receiver_env["TELEPATHY_MODEL"]
+    assert _compose_vars(services["pair"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]) == {"PAIR_GPU"}
+    gw, gw_pair = service_env(compose, "gateway", HOST_ENV), service_env(compose, "gateway-pair", HOST_ENV)
+    assert gw_pair.pop("TELEPATHY_SENDER_ADDR") == gw_pair.pop("TELEPATHY_RECEIVER_ADDR") == "pair:50051"
+    assert {k: v for k, v in gw.items() if not k.endswith("_ADDR")} == gw_pair
     # GPU ids: each service its own GPU by default, both configurable.
-    ids = {n: services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for n in MODEL_ROLES}
+    ids = {n: services[n]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for n in ("receiver", "sender")}
     assert interpolate(ids["receiver"], {}) != interpolate(ids["sender"], {})
     assert _compose_vars(ids["receiver"]) == {"RECEIVER_GPU"} and _compose_vars(ids["sender"]) == {"SENDER_GPU"}
     # The auth token is required (compose refuses to start without it), for every service.
@@ -585,7 +603,7 @@ def test_compose_structure(compose, dockerfile):
         with pytest.raises(KeyError, match="TELEPATHY_AUTH_TOKEN"):
             service_env(compose, name, {})
     # The CPU services run the same commands and settings as the GPU ones, apart from the device.
-    for role in TARGETS:
+    for role in TWO_SERVICE_TARGETS:
         gpu, cpu = services[role], services[f"{role}-cpu"]
         assert gpu["command"] == cpu["command"] and gpu["healthcheck"] == cpu["healthcheck"]
         e_gpu, e_cpu = service_env(compose, role, HOST_ENV), service_env(compose, f"{role}-cpu", HOST_ENV)
@@ -595,7 +613,7 @@ def test_compose_structure(compose, dockerfile):
             assert cpu["networks"]["default"]["aliases"] == [role], "the CPU services answer to the GPU names"
         assert cpu.get("depends_on", {}).keys() == {f"{d}-cpu" for d in gpu.get("depends_on", {})}
     # The gateway's container port is the image's TELEPATHY_GATEWAY_PORT.
-    for name in ("gateway", "gateway-cpu"):
+    for name in ("gateway", "gateway-cpu", "gateway-pair"):
         published = interpolate(services[name]["ports"][0], {})
         host_ip, host_port, container_port = published.split(":")
         assert host_ip == "127.0.0.1" and host_port == "8000"
@@ -734,23 +752,26 @@ def _addr_port(addr: str) -> tuple[str, int]:
 
 def test_ports_names_and_probes_agree(compose, k8s, kustomization, dockerfile):
     from gateway.settings import GatewaySettings
+    from pair_service.settings import PairSettings
     from receiver_service.settings import ReceiverSettings
     from sender_service.settings import SenderSettings
 
     _, stages = dockerfile
-    ports = {"receiver": ReceiverSettings.port, "sender": SenderSettings.port, "gateway": GatewaySettings.port}
+    ports = {"receiver": ReceiverSettings.port, "sender": SenderSettings.port, "gateway": GatewaySettings.port,
+             "pair": PairSettings.port}
     ports = {k: getattr(v, "default", v) for k, v in ports.items()}
-    assert ports == {"receiver": 50052, "sender": 50051, "gateway": 8000}
+    assert ports == {"receiver": 50052, "sender": 50051, "gateway": 8000, "pair": 50051}
     # Images.
     for role in TARGETS:
         env = stages[role].all_env
         assert int(env["TELEPATHY_GATEWAY_PORT" if role == "gateway" else "TELEPATHY_PORT"]) == ports[role]
         assert stages[role].exposed == [ports[role]]
-    # Compose: addresses name the right service and port.
+    # Compose: addresses name the right service and port (the pair serves both services).
     for name in compose["services"]:
         env = service_env(compose, name, HOST_ENV)
         for var, target in (("TELEPATHY_RECEIVER_ADDR", "receiver"), ("TELEPATHY_SENDER_ADDR", "sender")):
             if var in env:
+                target = "pair" if _profile_of(name) == "pair" else target
                 assert _addr_port(env[var]) == (target, ports[target]), f"compose {name} {var}"
     # Kubernetes.
     ns = kustomization["namespace"]
@@ -758,7 +779,7 @@ def test_ports_names_and_probes_agree(compose, k8s, kustomization, dockerfile):
     for (kind, name), obj in k8s.items():
         if kind != "Namespace":
             assert obj["metadata"].get("namespace") == ns, f"{kind}/{name}"
-    for role in TARGETS:
+    for role in TWO_SERVICE_TARGETS:  # no pair Deployment: Kubernetes runs the two services
         dep = k8s[("Deployment", role)]
         pod = dep["spec"]["template"]
         labels = pod["metadata"]["labels"]
@@ -814,7 +835,7 @@ def test_ports_names_and_probes_agree(compose, k8s, kustomization, dockerfile):
     assert "cpu" in k8s[("Deployment", "gateway")]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
     # Secret references match the example Secret (name and keys).
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
-    for role in TARGETS:
+    for role in TWO_SERVICE_TARGETS:
         for e in k8s[("Deployment", role)]["spec"]["template"]["spec"]["containers"][0].get("env", []):
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:
@@ -957,10 +978,7 @@ def _stop(svc: LocalService, grace_s: float) -> int | None:
 @pytest.mark.timeout(300)
 def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_bridges_dir, tmp_path, blocker_dir):
     """`docker compose --profile cpu up gateway-cpu`, without docker: same commands, same environments."""
-    import httpx
-
     from bridge.models import TINY_RECEIVER, TINY_SENDER
-    from bridge.tasks import TASKS
 
     _, stages = dockerfile
     cache = tmp_path / "model-cache"
@@ -981,6 +999,41 @@ def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_b
     assert services["receiver-cpu"].env["TELEPATHY_CACHE_DIR"] == str(cache)
     assert services["sender-cpu"].env["TELEPATHY_MODEL"] == TINY_SENDER
 
+    _start_classify_stop(compose, services, profile, "gateway-cpu",
+                         lambda: _check_probes_auth_and_dns_target(services["sender-cpu"].port, services["receiver-cpu"].port))
+
+
+@pytest.mark.timeout(300)
+def test_compose_pair_profile_serves_a_classification(compose, dockerfile, tiny_bridges_dir, tmp_path, blocker_dir):
+    """`docker compose --profile pair up gateway-pair`, without docker and on the CPU: the pair's command and
+    environment (TELEPATHY_DEVICE cuda → cpu, the one value this machine cannot honour), then the gateway."""
+    from bridge.models import TINY_RECEIVER, TINY_SENDER
+
+    _, stages = dockerfile
+    cache = tmp_path / "model-cache"
+    cache.mkdir()
+    host_env = {**HOST_ENV, "RECEIVER_MODEL": TINY_RECEIVER, "SENDER_MODEL": TINY_SENDER,
+                "BRIDGES_DIR": str(tiny_bridges_dir), "TELEPATHY_BRIDGES": "/bridges", "TELEPATHY_MAX_BATCH_SIZE": "4"}
+    profile = _topological(compose, ["gateway-pair"])
+    assert profile == ["pair", "gateway-pair"]
+    services = _local_services(compose, stages, profile, host_env, {"model-cache": cache}, tmp_path, blocker_dir)
+    pair = services["pair"]
+    assert (pair.env["TELEPATHY_MODEL"], pair.env["TELEPATHY_RECEIVER_MODEL"]) == (TINY_SENDER, TINY_RECEIVER)
+    assert pair.env.pop("TELEPATHY_DEVICE") == "cuda"
+    pair.env["TELEPATHY_DEVICE"] = "cpu"
+    gw = services["gateway-pair"].env
+    assert gw["TELEPATHY_SENDER_ADDR"] == gw["TELEPATHY_RECEIVER_ADDR"] == f"127.0.0.1:{pair.port}"
+    _start_classify_stop(compose, services, profile, "gateway-pair",
+                         lambda: _check_probes_auth_and_dns_target(pair.port, pair.port))
+
+
+def _start_classify_stop(compose, services: dict[str, LocalService], profile: list[str], gateway: str, more) -> None:
+    """Start `profile` in depends_on order (each after its dependencies pass their healthcheck), classify through
+    the gateway with an API key (and not without), run `more()`, then SIGTERM all: each must exit cleanly."""
+    import httpx
+
+    from bridge.tasks import TASKS
+
     deadline = time.monotonic() + 240
     healthy: set[str] = set()
     try:
@@ -990,7 +1043,7 @@ def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_b
                 assert dep in healthy, f"{name} starts only after {dep} is healthy"
             with svc.log.open("wb") as log:
                 svc.proc = subprocess.Popen(svc.argv, env=svc.env, stdout=log, stderr=subprocess.STDOUT,
-                                            cwd=tmp_path, start_new_session=True)
+                                            cwd=svc.log.parent, start_new_session=True)
             interval = min(1.0, _duration_s(compose["services"][name]["healthcheck"]["interval"]))
             while not svc.healthy():
                 if svc.proc.poll() is not None:
@@ -1000,7 +1053,7 @@ def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_b
                 time.sleep(interval)
             healthy.add(name)
 
-        gw = services["gateway-cpu"]
+        gw = services[gateway]
         key = HOST_ENV["TELEPATHY_API_KEYS"].split(",")[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{gw.port}", timeout=60) as http:
             # The Kubernetes probe paths answer without an API key.
@@ -1012,7 +1065,7 @@ def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_b
             assert r.status_code == 200, f"{r.status_code} {r.text}\n" + "\n".join(s.log_tail() for s in services.values())
             out = r.json()
             assert out["label"] in TASKS["sst2"].labels and out["path"] == "bridge" and out["wire_bytes"] > 0
-        _check_probes_auth_and_dns_target(services["sender-cpu"].port, services["receiver-cpu"].port)
+        more()
     finally:
         codes = {}
         for name in reversed(profile):

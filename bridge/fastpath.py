@@ -221,6 +221,16 @@ def _check_dtype(lm: LanguageModel, config: FastPathConfig) -> None:
         )
 
 
+_SIDE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}  # per GPU: warm-up and capture of every StaticRunner
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device]
+
+
 class StaticRunner:
     """`fn(**inputs)` over fixed input buffers; with `graph=True` (CUDA) it is captured once and replayed.
 
@@ -235,15 +245,17 @@ class StaticRunner:
             # Streams, capture and replay belong to the inputs' GPU, which need not be the current one (a sender on
             # cuda:0 and a receiver on cuda:1 in one process): without this the capture runs on cuda:0's stream.
             with torch.cuda.device(self.device):
-                # Warm up on a side stream (lazy inits, cuBLAS workspaces, kernel selection), then capture.
-                side = torch.cuda.Stream()
+                # Warm up on a side stream of this GPU (lazy inits, cuBLAS workspaces, kernel selection), then
+                # capture on that same stream. torch.cuda.graph's own default capture stream is made once per
+                # process, on whichever GPU was current then: a second GPU's capture must not use it.
+                side = _side_stream(self.device)
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side), torch.no_grad():
                     for _ in range(warmup):
                         fn(**inputs)
                 torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+                with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool, stream=side, capture_error_mode="thread_local"):
                     self.outputs = fn(**inputs)
 
     @torch.no_grad()

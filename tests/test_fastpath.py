@@ -343,6 +343,36 @@ def test_cuda_graphs_match_eager_on_gpu(tmp_path):
     assert relay.generate_ids(prompt, 12).tolist() == eager_generate_ids(s, prompt, 12).tolist()  # replay again
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["sender-first", "receiver-first"])
+def test_sender_and_receiver_on_two_gpus_in_one_process(tmp_path, order):
+    """The pair service's two-GPU layout: every capture uses a stream of its own GPU, whichever GPU captured first
+    (torch.cuda.graph's default capture stream is made once per process, on the GPU current then)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    from conftest import make_tiny_bridges
+
+    s = LanguageModel.load(TINY_SENDER, device="cuda:0", dtype=torch.float32)
+    r = LanguageModel.load(TINY_RECEIVER, device="cuda:1", dtype=torch.float32)
+    root = make_tiny_bridges(tmp_path, s, r, tasks=(TASK,))
+    sender = SenderEngine(s, load_bridge_set(root, s, "sender", "cuda:0"))
+    receiver = ReceiverEngine(r, load_bridge_set(root, r, "receiver", "cuda:1"))
+    config = FastPathConfig(dtype="fp32")  # graphs, fused and compiled layers, compiled bridge: as served
+    sfp, rfp = SenderFastPath(sender, config), ReceiverFastPath(receiver, config)
+    if order == "sender-first":
+        sfp.warmup(TASK, (1, 2), (16,))
+        rfp.warmup(TASK, (1, 2))
+    else:
+        rfp.warmup(TASK, (1, 2))
+        sfp.warmup(TASK, (1, 2), (16,))
+    texts = texts_of([10, 12])
+    eager = eager_bridge_probs(sender, receiver, texts).cpu()
+    pipeline = FastPipeline(sfp, rfp)
+    torch.testing.assert_close(pipeline.classify_batch(texts, TASK), eager, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(pipeline.classify_async(texts, TASK).result(), eager, rtol=1e-3, atol=1e-4)
+    assert all(x.graph is not None for x in [*sfp._runners.runners.values(), *rfp._runners.runners.values()])
+
+
 def test_fused_layers_in_bf16_are_as_accurate_as_hf_eager():
     """In bf16 the fast path differs from the eager path by rounding noise: compare both with an fp32 reference.
 

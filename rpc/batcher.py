@@ -11,9 +11,9 @@ call, so expired work is never done.
 re-entrant, and the event loop stays free for I/O). A result that is an Exception fails only its own request.
 
 Pipelining: `run_batch` may return a `Deferred` instead — its work is queued on the device and `wait()` gives the
-results. When requests are queued behind it, the batcher waits for them on `waiter` (another thread) and meanwhile
-gathers and runs the next batch, with at most `max_in_flight` batches started and not yet answered; a lone batch
-is waited for on the model thread (no extra hand-off at batch 1).
+results. The model thread hands it to `waiter` (another thread), which waits while the device works, and the
+batcher meanwhile gathers and runs the next batch, with at most `max_in_flight` batches started and not yet
+answered.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
@@ -77,7 +77,7 @@ class DynamicBatcher(Generic[I, R]):
         max_queue_size: int,
         executor: Executor,
         metrics=None,  # rpc.metrics.ServiceMetrics; optional so the batcher is usable alone
-        waiter: Executor | None = None,  # where Deferred results are waited for (None: on `executor`)
+        waiter: Executor | None = None,  # where Deferred results are waited for (None: `executor`, no overlap)
         max_in_flight: int = 1,
     ):
         self.name = name
@@ -230,7 +230,7 @@ class DynamicBatcher(Generic[I, R]):
                 results = await loop.run_in_executor(self._executor, self._call, first.key, [e.item for e in live])
             except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
                 results = exc
-            if isinstance(results, Deferred):  # queued on the device: answer it from the waiter, go on meanwhile
+            if isinstance(results, Future):  # queued on the device, the waiter waits for it: go on meanwhile
                 task = loop.create_task(self._finish(live, results, started))
                 self._finishing.add(task)
                 task.add_done_callback(self._finishing.discard)
@@ -239,16 +239,16 @@ class DynamicBatcher(Generic[I, R]):
             self._deliver(live, results, started)
 
     def _call(self, key: Hashable, items: list) -> Any:
-        """On the model thread. A Deferred with nobody queued behind it is waited for right here: a lone request
-        then costs no extra hand-off to the waiter (batch-1 latency); under load the waiter takes it."""
+        """On the model thread. A Deferred goes straight to the waiter, which starts waiting while the device works
+        (so a lone request's answer is no later than if this thread had waited), and this thread is free at once."""
         results = self._run_batch(key, items)
-        if isinstance(results, Deferred) and not self._pending:
-            return results.wait()
+        if isinstance(results, Deferred):
+            return self._waiter.submit(results.wait)
         return results
 
-    async def _finish(self, live: list[_Entry], deferred: Deferred, started: float) -> None:
+    async def _finish(self, live: list[_Entry], waiting: Future, started: float) -> None:
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self._waiter, deferred.wait)
+            results = await asyncio.wrap_future(waiting)
         except Exception as exc:  # noqa: BLE001
             results = exc
         finally:

@@ -24,7 +24,7 @@ class PairService(SenderService):
     def __init__(self, settings: PairSettings, lm: LanguageModel | None = None, receiver_lm: LanguageModel | None = None):
         super().__init__(settings, lm)
         self.receiver = ReceiverService(settings.receiver_settings(), receiver_lm, host=self)
-        self.link = LocalReceiver(self.receiver)
+        self.link = LocalReceiver(self.receiver, self.metrics)
         self.fused = self.batcher("pair_relay", lambda key, items: self.pair_work.classify(key, items))
         self.pair_work: PairWork | None = None
 

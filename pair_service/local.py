@@ -7,17 +7,19 @@ import time
 from protos.telepathy.v1 import common_pb2, receiver_pb2
 from receiver_service.app import ReceiverService
 from rpc.errors import ServiceError, status_of
+from rpc.metrics import ServiceMetrics
 
 
 class LocalReceiver:
     address = "in-process"
     connected = True
 
-    def __init__(self, receiver: ReceiverService):
-        self.receiver = receiver
+    def __init__(self, receiver: ReceiverService, metrics: ServiceMetrics):
+        self.receiver, self._metrics = receiver, metrics
 
     async def start(self) -> None:
-        """Nothing to connect."""
+        """Nothing to connect: the receiver is up whenever this process is."""
+        self._metrics.receiver_connected.set(1)
 
     async def close(self) -> None:
         """Nothing to close: the receiver part drains with its host."""

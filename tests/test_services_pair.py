@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2
 from rpc.channels import make_sync_channel
 from tests.services_support import (
-    TIMEOUT, assert_status, field_trailer, receiver_stub, relay, rpc_error, sender_stub, start_pair,
+    TIMEOUT, assert_status, field_trailer, metric, receiver_stub, relay, rpc_error, sender_stub, start_pair,
 )
 from tests.test_services_roundtrip import reference  # noqa: F401  (fixture: the in-process engines)
 
@@ -96,6 +96,10 @@ def test_the_pair_also_serves_the_receiver_api(pair_service, reference):
         assert status == health_pb2.HealthCheckResponse.SERVING, name
     info = stub.Info(sender_pb2.SenderInfoRequest(), timeout=TIMEOUT)
     assert (info.receiver_address, info.receiver_connected) == ("in-process", True)
+    metrics = pair_service.service.metrics.render().decode()
+    assert metric(metrics, "telepathy_receiver_connected") == 1
+    assert metric(metrics, "telepathy_batch_size_count", batcher="pair_relay") >= 1  # the fused batcher ran
+    assert metric(metrics, "telepathy_service_info", service="pair") == 1
 
 
 BAD = {

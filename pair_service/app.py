@@ -35,7 +35,7 @@ class PairService(SenderService):
         return None  # set in __init__, once the receiver part exists
 
     def fused_bridge(self, task: str) -> bool:
-        return self.pair_work is not None and task in self.pair_work.receiver_bridge
+        return self.settings.fuse_bridge and self.pair_work is not None and task in self.pair_work.receiver_bridge
 
     def _load(self) -> None:
         self.receiver._load()  # the receiver model and bridges, then the sender's; attach() joins them
@@ -48,7 +48,8 @@ class PairService(SenderService):
     def warmup(self) -> None:
         super().warmup()
         self.receiver.warmup()
-        self.pair_work.warmup(self.settings.max_batch_size, self.settings.wire_dtype)
+        if self.settings.fuse_bridge:
+            self.pair_work.warmup(self.settings.max_batch_size, self.settings.wire_dtype)
 
     async def _begin_drain(self) -> None:
         await self.receiver._begin_drain()

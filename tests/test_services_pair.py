@@ -124,6 +124,17 @@ def test_bad_relays_get_the_two_service_errors(pair_service, reference, case):
     assert _probs(got.result) == pytest.approx(reference(TEXTS[0], "sst2"), abs=1e-5)
 
 
+def test_fusion_off_runs_two_model_calls_with_the_same_answer(tiny_bridges_dir, reference):
+    service = start_pair(tiny_bridges_dir, fuse_bridge=False)
+    try:
+        got = sender_stub(service.address).Relay(relay(task="ag_news", text=TEXTS[1]), timeout=TIMEOUT)
+        assert _probs(got.result) == pytest.approx(reference(TEXTS[1], "ag_news"), abs=1e-5)
+        t = got.result.timings_us
+        assert t["sender_model"] > 0 and t["receiver_model"] > 0  # the sender's call, then the receiver's
+    finally:
+        service.stop()
+
+
 def test_a_task_only_the_sender_has_goes_the_two_service_way(tmp_path, tiny_sender):
     """A bridge made for another receiver model: the receiver part skips it, the pair does not fuse that task,
     and the receiver part answers as a separate receiver would."""

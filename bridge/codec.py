@@ -36,13 +36,10 @@ class WireTensor:
         return len(self.data) + len(self.scales)
 
 
-_ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
-
-
 def wire_nbytes(dtype: str, num_tokens: int, d_wire: int) -> int:
     """WireTensor.nbytes of one request's [num_tokens, d_wire] soft tokens, without encoding them."""
     _check_dtype(dtype)
-    return num_tokens * d_wire * _ELEMENT_BYTES[dtype] + (4 * num_tokens if dtype == "int8" else 0)
+    return num_tokens * d_wire * _BYTES_PER_VALUE[dtype] + (4 * num_tokens if dtype == "int8" else 0)
 
 
 def _check_dtype(dtype: str) -> None:

@@ -791,9 +791,11 @@ class FastPipeline:
     def __init__(self, sender: SenderFastPath, receiver: ReceiverFastPath):
         self.sender, self.receiver = sender, receiver
 
-    def classify_ids(self, ids: torch.Tensor, lengths: torch.Tensor, task: str, bridge_id: str = "") -> torch.Tensor:
-        """Tokenized inputs → probs [B, L] on the receiver's device, without a host sync."""
-        wire = self.sender.config.wire_dtype
+    def classify_ids(self, ids: torch.Tensor, lengths: torch.Tensor, task: str, bridge_id: str = "",
+                     wire: str | None = None) -> torch.Tensor:
+        """Tokenized inputs → probs [B, L] on the receiver's device, without a host sync; `wire` (default: the
+        config's) is the codec the soft tokens go through between the two sides."""
+        wire = wire or self.sender.config.wire_dtype
         values, scales, meta = self.sender.encode_ids(ids, lengths, task, bridge_id, wire=wire)
         probs, _ = self.receiver.classify_quantized(values, scales, task, meta.bridge_id, wire_dtype=wire)
         return probs
@@ -805,11 +807,11 @@ class FastPipeline:
         return self.classify_ids(ids, lengths, task, bridge_id).cpu()
 
     @torch.no_grad()
-    def classify_async(self, texts: list[str], task: str, bridge_id: str = "") -> "PendingProbs":
+    def classify_async(self, texts: list[str], task: str, bridge_id: str = "", wire: str | None = None) -> "PendingProbs":
         """classify_batch without waiting: returns once the batch is queued on the device, so a batcher can
         tokenise and queue the next batch while this one runs. `.result()` → probs [B, L] on the CPU."""
         ids, lengths = self.sender.tokenize(texts)
-        return to_host_async(self.classify_ids(ids, lengths, task, bridge_id))  # [B, L]: a fresh tensor
+        return to_host_async(self.classify_ids(ids, lengths, task, bridge_id, wire))  # [B, L]: a fresh tensor
 
 
 class PendingProbs:

@@ -35,7 +35,7 @@ class PairService(SenderService):
         return None  # set in __init__, once the receiver part exists
 
     def fused_bridge(self, task: str) -> bool:
-        return self.settings.fuse_bridge and self.pair_work is not None and task in self.pair_work.receiver_bridge
+        return self.settings.fuse_bridge and self.pair_work is not None and task in self.pair_work.fused_tasks
 
     def _load(self) -> None:
         self.receiver._load()  # the receiver model and bridges, then the sender's; attach() joins them

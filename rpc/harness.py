@@ -11,6 +11,7 @@ The factory runs on the service's loop thread because grpc.aio objects belong to
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .channels import ClientSettings, make_sync_channel
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a service started next, in this process or another)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ServiceThread:

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from pair_service.app import build_pair
 from pair_service.settings import PairSettings
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import make_sync_channel
-from rpc.harness import ServiceThread, make_untrained_bridges, wait_until_serving
+from rpc.harness import ServiceThread, free_port, make_untrained_bridges, wait_until_serving
 from rpc.service import resolve_device
 from sender_service.app import build_sender
 from sender_service.settings import SenderSettings
@@ -138,12 +137,6 @@ def update_gpu_latency(path: Path, results: dict, meta: dict) -> None:
     path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     print(f"updated {path}: services {meta['placement']} p50 {b1['client_ms']['p50']:.2f} ms "
           f"(bench model p50 {model if model is None else round(model, 2)} ms)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServiceProcess:

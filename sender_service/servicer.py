@@ -46,14 +46,18 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         theirs = deadline_from(context)
         return cap if theirs is None else min(theirs, cap)
 
-    async def _encode(self, text: str, task: str, wire_dtype: int, deadline: float):
+    def _check_bridge_request(self, text: str, task: str, wire_dtype: int):
+        """A bridge-path request's checks → (the task's bridge meta, the wire dtype name)."""
         require_task(task)
         check_text(text, self.settings.max_text_chars)
         try:
             meta = self.engine.bridges.resolve(task).meta
         except BridgeNotFoundError as exc:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"task: {exc}", "task") from None
-        dtype = wire_dtype_from_pb(wire_dtype, self.settings.wire_dtype)
+        return meta, wire_dtype_from_pb(wire_dtype, self.settings.wire_dtype)
+
+    async def _encode(self, text: str, task: str, wire_dtype: int, deadline: float):
+        meta, dtype = self._check_bridge_request(text, task, wire_dtype)
         wire, timing = await self.service.encoder.submit(text, key=(task, meta.bridge_id, dtype), deadline=deadline)
         return wire, meta, timing
 
@@ -107,10 +111,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     async def _relay_fused(self, request: sender_pb2.RelayRequest, deadline: float, received: float):
         """Sender and receiver in this process (pair_service): one model call from text to label probabilities,
         the soft tokens handed over on the device. Same answer as the two-service path (tests/test_services_pair.py)."""
-        require_task(request.task)
-        check_text(request.text, self.settings.max_text_chars)
-        meta = self.engine.bridges.resolve(request.task).meta  # fused_bridge() said both sides have it
-        dtype = wire_dtype_from_pb(request.wire_dtype, self.settings.wire_dtype)
+        meta, dtype = self._check_bridge_request(request.text, request.task, request.wire_dtype)
         probs, timing = await self.service.fused.submit(request.text, key=(meta.task, meta.bridge_id, dtype), deadline=deadline)
         # sender_model is the whole fused call (sender, bridge, receiver); nothing crosses a wire or a second queue.
         timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s), "wire": 0,

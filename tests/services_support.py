@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from protos.telepathy.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sen
 from receiver_service.app import build_receiver
 from receiver_service.settings import ReceiverSettings
 from rpc.channels import ClientSettings, make_sync_channel
-from rpc.harness import ServiceThread, wait_until_serving
+from rpc.harness import ServiceThread, free_port, wait_until_serving  # noqa: F401  (free_port: for the tests)
 from pair_service.app import build_pair
 from pair_service.settings import PairSettings
 from sender_service.app import build_sender
@@ -29,12 +28,6 @@ from sender_service.settings import SenderSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # generous per-call deadline: the test machine is shared and busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_receiver(bridges, **overrides) -> ServiceThread:

@@ -315,17 +315,23 @@ def test_relay_generator_limits(engines):
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------------------------
+def _fp32_engines(tmp_path, sender_device: str, receiver_device: str) -> tuple[SenderEngine, ReceiverEngine]:
+    """The tiny pair in fp32 on these devices, with a fresh bridge for TASK."""
+    from conftest import make_tiny_bridges
+
+    s = LanguageModel.load(TINY_SENDER, device=sender_device, dtype=torch.float32)
+    r = LanguageModel.load(TINY_RECEIVER, device=receiver_device, dtype=torch.float32)
+    root = make_tiny_bridges(tmp_path, s, r, tasks=(TASK,))
+    return (SenderEngine(s, load_bridge_set(root, s, "sender", sender_device)),
+            ReceiverEngine(r, load_bridge_set(root, r, "receiver", receiver_device)))
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_match_eager_on_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from conftest import make_tiny_bridges
-
-    s = LanguageModel.load(TINY_SENDER, device="cuda", dtype=torch.float32)
-    r = LanguageModel.load(TINY_RECEIVER, device="cuda", dtype=torch.float32)
-    root = make_tiny_bridges(tmp_path, s, r, tasks=(TASK,))
-    sender = SenderEngine(s, load_bridge_set(root, s, "sender", "cuda"))
-    receiver = ReceiverEngine(r, load_bridge_set(root, r, "receiver", "cuda"))
+    sender, receiver = _fp32_engines(tmp_path, "cuda", "cuda")
+    s = sender.lm
     config = FastPathConfig(dtype="fp32", compile_layers=False)  # graphs over the fused layers; compile: the bench
     sfp, rfp = SenderFastPath(sender, config), ReceiverFastPath(receiver, config)
     pipeline = FastPipeline(sfp, rfp)
@@ -350,13 +356,7 @@ def test_sender_and_receiver_on_two_gpus_in_one_process(tmp_path, order):
     (torch.cuda.graph's default capture stream is made once per process, on the GPU current then)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    from conftest import make_tiny_bridges
-
-    s = LanguageModel.load(TINY_SENDER, device="cuda:0", dtype=torch.float32)
-    r = LanguageModel.load(TINY_RECEIVER, device="cuda:1", dtype=torch.float32)
-    root = make_tiny_bridges(tmp_path, s, r, tasks=(TASK,))
-    sender = SenderEngine(s, load_bridge_set(root, s, "sender", "cuda:0"))
-    receiver = ReceiverEngine(r, load_bridge_set(root, r, "receiver", "cuda:1"))
+    sender, receiver = _fp32_engines(tmp_path, "cuda:0", "cuda:1")
     config = FastPathConfig(dtype="fp32")  # graphs, fused and compiled layers, compiled bridge: as served
     sfp, rfp = SenderFastPath(sender, config), ReceiverFastPath(receiver, config)
     if order == "sender-first":

@@ -35,8 +35,8 @@ def _probs(result) -> list[float]:
 @pytest.mark.parametrize("task", ["sst2", "ag_news", "trec"])
 def test_fused_relay_matches_two_services(pair_service, reference, task):
     work = pair_service.service.pair_work
-    assert work.on_device == (pair_service.service.settings.fast_path == "on")
-    assert set(work.receiver_bridge) == {"sst2", "ag_news", "trec"}
+    assert (work.pipeline is not None) == (pair_service.service.settings.fast_path == "on")
+    assert set(work.fused_tasks) == {"sst2", "ag_news", "trec"}
     stub = sender_stub(pair_service.address)
     for text in TEXTS:
         got = stub.Relay(relay(task=task, text=text), timeout=TIMEOUT)
@@ -143,7 +143,7 @@ def test_a_task_only_the_sender_has_goes_the_two_service_way(tmp_path, tiny_send
     bridges = make_untrained_bridges(tmp_path / "b", tiny_sender, tiny_sender, tasks=["sst2"], sender_layer=2)
     service = start_pair(bridges)
     try:
-        assert service.service.pair_work.receiver_bridge == {}
+        assert service.service.pair_work.fused_tasks == set()
         err = rpc_error(sender_stub(service.address).Relay, relay("sst2"), timeout=TIMEOUT)
         assert_status(err, C.NOT_FOUND, "receiver: soft_tokens.task: no bridge is loaded for task 'sst2'; loaded tasks: []",
                       exact=True)

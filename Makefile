@@ -45,10 +45,10 @@ test-all: install
 	$(PY) -m pytest -q -m "slow or gpu or realmodel or not slow" $(PYTEST_ARGS)
 
 protos: install
-	$(PY) -m protos.generate
+	$(PY) tools/generate_protos.py
 
 protos-check: install
-	$(PY) -m protos.generate --check
+	$(PY) tools/generate_protos.py --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

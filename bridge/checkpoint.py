@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .lm import ModelFingerprint
-from .resampler import Bridge, BridgeAdapter, BridgeConfig, BridgeEncoder
-from .tasks import get_task
+from telepathy.bridge.lm import ModelFingerprint
+from telepathy.bridge.resampler import Bridge, BridgeAdapter, BridgeConfig, BridgeEncoder
+from telepathy.bridge.tasks import get_task
 
 FORMAT = "telepathy-bridge"
 FORMAT_VERSION = 1

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import BridgeMeta, CheckpointError, FingerprintMismatch, find_bridges, load_adapter, load_encoder, read_meta
-from .codec import WIRE_DTYPES, decode_batch
-from .engine import SHIPPED_BRIDGES, BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
-from .lm import LanguageModel
-from .models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
-from .tasks import TASKS, UnknownTaskError, get_task
-from .train import DEFAULT_WIRE_DTYPE, default_device, fail
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, FingerprintMismatch, find_bridges, load_adapter, load_encoder, read_meta
+from telepathy.bridge.codec import WIRE_DTYPES, decode_batch
+from telepathy.bridge.runtime.engine import SHIPPED_BRIDGES, BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
+from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
+from telepathy.bridge.training.train import DEFAULT_WIRE_DTYPE, default_device, fail
 
 
 def shipped_bridge_dir(task: str, sender: str = DEFAULT_SENDER, receiver: str = DEFAULT_RECEIVER,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+from telepathy.contract import WIRE_DTYPES  # noqa: E402 - re-exported: the codec is where readers look
 _BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 _NUMPY_VIEW = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2", "int8": "i1"}
 

@@ -100,8 +100,7 @@ class EmbeddedPreset:
         return len(self.chunks) > 1
 
 
-DEFAULT_SENDER = "smollm2-135m-instruct"
-DEFAULT_RECEIVER = "gemma-3-270m"
+from telepathy.contract import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402, F401 - re-exported
 
 _GEMMA_PARTS = range(1, 5)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .models import LoadedModel, load_model
+from telepathy.bridge.models import LoadedModel, load_model
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-DEFAULT_SENDER = "smollm2-135m-instruct"
-DEFAULT_RECEIVER = "gemma-3-270m"
+from telepathy.contract import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402, F401 - re-exported
 TINY_SENDER = "random:tiny-llama"
 TINY_RECEIVER = "random:tiny-gemma"
 _TINY_VOCAB_FILE = Path(__file__).resolve().parent / "presets" / "tiny_vocab.json"
@@ -147,7 +146,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None)
     dtype = dtype or default_dtype(device)
     if spec.startswith("random:"):
         return _load_random(spec.removeprefix("random:"), device, dtype)
-    from . import embedded
+    from telepathy.bridge import embedded
 
     if spec in embedded.EMBEDDED_PRESETS:
         folder = embedded.converted_path(embedded.EMBEDDED_PRESETS[spec])
@@ -172,6 +171,6 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None)
 
 
 def known_specs() -> list[str]:
-    from . import embedded
+    from telepathy.bridge import embedded
 
     return list(embedded.EMBEDDED_PRESETS) + [f"random:{n}" for n in RANDOM_PRESETS]

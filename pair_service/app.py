@@ -8,10 +8,10 @@ on the same port and model thread, with the bridge path fused into one model cal
 
 from __future__ import annotations
 
-from bridge.engine import BridgeSet
-from bridge.lm import LanguageModel
-from receiver_service.app import ReceiverService
-from sender_service.app import SenderService
+from telepathy.bridge.runtime.engine import BridgeSet
+from telepathy.bridge.lm import LanguageModel
+from telepathy.receiver_service.app import ReceiverService
+from telepathy.sender_service.app import SenderService
 
 from .local import LocalReceiver
 from .settings import PairSettings

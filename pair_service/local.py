@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2
-from receiver_service.app import ReceiverService
-from rpc.errors import ServiceError, status_of
-from rpc.metrics import ServiceMetrics
+from telepathy.protos.v1 import common_pb2, receiver_pb2
+from telepathy.receiver_service.app import ReceiverService
+from telepathy.serving.errors import ServiceError, status_of
+from telepathy.serving.metrics import ServiceMetrics
 
 
 class LocalReceiver:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from receiver_service.settings import DEFAULT_RECEIVER, ReceiverSettings
-from rpc.settings import env_field
-from sender_service.settings import SenderSettings
+from telepathy.receiver_service.settings import DEFAULT_RECEIVER, ReceiverSettings
+from telepathy.config import env_field
+from telepathy.sender_service.settings import SenderSettings
 
 
 @dataclass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from bridge.codec import decode_batch
-from receiver_service.work import ReceiverWork
-from rpc.batcher import Deferred
-from sender_service.work import SenderWork
+from telepathy.bridge.codec import decode_batch
+from telepathy.receiver_service.work import ReceiverWork
+from telepathy.serving.batcher import Deferred
+from telepathy.sender_service.work import SenderWork
 
 
 def shared_tasks(sender: SenderWork, receiver: ReceiverWork) -> set[str]:
@@ -27,7 +27,7 @@ class PairWork:
         # Both sides on the static-shape fast path: the quantized soft tokens stay on the device.
         self.pipeline = None
         if sender.encoder is not sender.engine and receiver.classifier is not receiver.engine:
-            from bridge.fastpath import FastPipeline
+            from telepathy.bridge.runtime.fastpath import FastPipeline
 
             self.pipeline = FastPipeline(sender.encoder, receiver.classifier)
 

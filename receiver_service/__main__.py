@@ -2,6 +2,6 @@
 
 import sys
 
-from rpc.serve import main
+from telepathy.ops.serve import main
 
 sys.exit(main(["receiver", *sys.argv[1:]]))

@@ -7,11 +7,11 @@
 
 from __future__ import annotations
 
-from bridge.engine import BridgeSet, ReceiverEngine
-from bridge.lm import LanguageModel
-from protos.telepathy.v1 import receiver_pb2, receiver_pb2_grpc
-from rpc.service import BaseService
-from rpc.settings import SettingsError
+from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
+from telepathy.bridge.lm import LanguageModel
+from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc
+from telepathy.serving.lifecycle import BaseService
+from telepathy.config import SettingsError
 
 from .servicer import ReceiverServicer
 from .settings import ReceiverSettings
@@ -39,7 +39,7 @@ class ReceiverService(BaseService):
         self.engine = ReceiverEngine(lm, bridges)
         config = self.fast_path_config(lm)
         if config is not None:
-            from bridge.fastpath import ReceiverFastPath
+            from telepathy.bridge.runtime.fastpath import ReceiverFastPath
 
             self.work = ReceiverWork(self.engine, ReceiverFastPath(self.engine, config))
         else:

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
-from rpc.batcher import BatchTiming
-from rpc.checks import check_text, require_task
-from rpc.convert import VERSION, bridge_info, classify_result, limits, micros, model_info
-from rpc.errors import grpc_method, invalid, status_of, unavailable
-from rpc.service import deadline_from
+from telepathy.contract import WIRE_DTYPES
+from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
+from telepathy.serving.batcher import BatchTiming
+from telepathy.serving.checks import check_text, require_task
+from telepathy.serving.convert import VERSION, bridge_info, classify_result, limits, micros, model_info
+from telepathy.serving.errors import grpc_method, invalid, status_of, unavailable
+from telepathy.serving.lifecycle import deadline_from
 
 from .validate import check_soft_tokens
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _EOF, _DRAIN = object(), object()
-WIRE_DTYPES = ["fp32", "fp16", "bf16", "int8"]
 
 
 class _Stream:
@@ -110,7 +110,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         self.state.check(need_ready=False)
         return receiver_pb2.ReceiverInfoResponse(
             version=VERSION, model=model_info(self.engine.lm), tasks=sorted(self.engine.bridges.by_task),
-            limits=limits(self.settings), wire_dtypes=WIRE_DTYPES,
+            limits=limits(self.settings), wire_dtypes=list(WIRE_DTYPES),
         )
 
     # ---- the stream -----------------------------------------------------------------------------------------

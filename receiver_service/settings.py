@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rpc.settings import ServiceSettings, env_field
+from telepathy.contract import DEFAULT_RECEIVER
+from telepathy.config import ServiceSettings, env_field
 
-# = bridge.models.DEFAULT_RECEIVER, spelled out so that `telepathy --help` need not import transformers.
-DEFAULT_RECEIVER = "gemma-3-270m"
 
 
 @dataclass

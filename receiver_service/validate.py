@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from bridge.codec import WireFormatError, decode
-from bridge.engine import BridgeNotFoundError, BridgeSet, LoadedBridge
-from protos.telepathy.v1 import common_pb2
-from rpc.checks import require_task
-from rpc.convert import tensor_from_pb
-from rpc.errors import ServiceError, invalid
+from telepathy.bridge.codec import WireFormatError, decode
+from telepathy.bridge.runtime.engine import BridgeNotFoundError, BridgeSet, LoadedBridge
+from telepathy.protos.v1 import common_pb2
+from telepathy.serving.checks import require_task
+from telepathy.serving.convert import tensor_from_pb
+from telepathy.serving.errors import ServiceError, invalid
 
 # codec field → protobuf field of common.Tensor
 _TENSOR_FIELDS = {"dtype": "dtype", "shape": "shape", "data": "raw_data", "scales": "scales"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bridge.engine import ReceiverEngine
-from bridge.tasks import TASKS
+from telepathy.bridge.runtime.engine import ReceiverEngine
+from telepathy.bridge.tasks import TASKS
 
 
 class ReceiverWork:

@@ -7,10 +7,10 @@
 
 from __future__ import annotations
 
-from bridge.engine import BridgeSet, SenderEngine
-from bridge.lm import LanguageModel
-from protos.telepathy.v1 import sender_pb2, sender_pb2_grpc
-from rpc.service import BaseService
+from telepathy.bridge.runtime.engine import BridgeSet, SenderEngine
+from telepathy.bridge.lm import LanguageModel
+from telepathy.protos.v1 import sender_pb2, sender_pb2_grpc
+from telepathy.serving.lifecycle import BaseService
 
 from .link import ReceiverPool
 from .servicer import SenderServicer
@@ -46,7 +46,7 @@ class SenderService(BaseService):
         self.engine = SenderEngine(lm, bridges)
         config = self.fast_path_config(lm)
         if config is not None:
-            from bridge.fastpath import SenderFastPath
+            from telepathy.bridge.runtime.fastpath import SenderFastPath
 
             self.work = SenderWork(self.engine, SenderFastPath(self.engine, config))
         else:

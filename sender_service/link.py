@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
-from rpc.batcher import DeadlineExpiredError
-from rpc.channels import ClientSettings, call_metadata, make_channel
-from rpc.errors import ServiceError, unavailable
-from rpc.metrics import ServiceMetrics
+from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
+from telepathy.serving.batcher import DeadlineExpiredError
+from telepathy.serving.channels import ClientSettings, call_metadata, make_channel
+from telepathy.serving.errors import ServiceError, unavailable
+from telepathy.serving.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 _STATUS = {c.value[0]: c for c in grpc.StatusCode}

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from bridge.codec import wire_nbytes
-from bridge.engine import BridgeNotFoundError
-from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
-from rpc.checks import check_text, require_task
-from rpc.convert import (
+from telepathy.bridge.codec import wire_nbytes
+from telepathy.bridge.runtime.engine import BridgeNotFoundError
+from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
+from telepathy.serving.checks import check_text, require_task
+from telepathy.serving.convert import (
     VERSION, bridge_info, classify_result, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb,
 )
-from rpc.errors import ServiceError, grpc_method, invalid
-from rpc.service import deadline_from
+from telepathy.serving.errors import ServiceError, grpc_method, invalid
+from telepathy.serving.lifecycle import deadline_from
 
 if TYPE_CHECKING:
     from .app import SenderService

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rpc.channels import ClientSettings
-from rpc.settings import ServiceSettings, env_field, require, where
+from telepathy.serving.channels import ClientSettings
+from telepathy.contract import DEFAULT_SENDER, WIRE_DTYPES
+from telepathy.config import ServiceSettings, env_field, require, where
 
-# = bridge.models.DEFAULT_SENDER, spelled out so that `telepathy --help` need not import transformers.
-DEFAULT_SENDER = "smollm2-135m-instruct"
-WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")  # = bridge.codec.WIRE_DTYPES (torch-free copy, checked by a test)
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from bridge.codec import WireTensor
-from bridge.engine import SenderEngine
-from bridge.tasks import TASKS
+from telepathy.bridge.codec import WireTensor
+from telepathy.bridge.runtime.engine import SenderEngine
+from telepathy.bridge.tasks import TASKS
 
 
 class SenderWork:

@@ -9,22 +9,22 @@ import logging
 import os
 import sys
 
-from . import __version__
+from telepathy.contract import VERSION
 
 # command → the module that registers it (`register(subparsers)`; the parser it adds sets `func(args)`).
 # Only the module of the command being run is imported, so `telepathy gateway` / `healthcheck` work in the
 # gateway image, which has no torch, and start fast everywhere.
 COMMANDS: dict[str, str] = {
-    "models": "bridge.cli",
-    "serve": "rpc.serve",
-    "gateway": "gateway.cli",
-    "up": "gateway.cli",
-    "bench": "gateway.cli",
-    "healthcheck": "gateway.cli",
-    "train": "bridge.train",
-    "eval": "bridge.evaluate",
-    "classify": "bridge.classify",
-    "report": "bridge.report",
+    "models": "telepathy.cli",
+    "serve": "telepathy.ops.serve",
+    "gateway": "telepathy.gateway.cli",
+    "up": "telepathy.gateway.cli",
+    "bench": "telepathy.gateway.cli",
+    "healthcheck": "telepathy.gateway.cli",
+    "train": "telepathy.bridge.training.train",
+    "eval": "telepathy.bridge.training.evaluate",
+    "classify": "telepathy.bridge.classify",
+    "report": "telepathy.bridge.training.report",
 }
 
 
@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from . import embedded
-    from .models import RANDOM_PRESETS
+    from telepathy.bridge import embedded
+    from telepathy.bridge.models import RANDOM_PRESETS
 
     rows = [embedded.preset_status(name) for name in embedded.EMBEDDED_PRESETS]
     for name, make in RANDOM_PRESETS.items():
@@ -65,7 +65,7 @@ def _models(args: argparse.Namespace) -> int:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The full parser, or (given argv naming a command) one holding just that command's module."""
     parser = argparse.ArgumentParser(prog="telepathy", description="LLM-to-LLM communication through learned soft tokens")
-    parser.add_argument("--version", action="version", version=f"telepathy {__version__}")
+    parser.add_argument("--version", action="version", version=f"telepathy {VERSION}")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING, …)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv or [] if a in COMMANDS), None)

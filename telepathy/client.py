@@ -1,6 +1,6 @@
 """Python clients for agents: talk to a sender with text, or to a receiver with your own soft tokens.
 
-    from rpc.client import SenderClient, ReceiverClient
+    from telepathy.client import SenderClient, ReceiverClient
 
     with SenderClient("127.0.0.1:50051") as sender, ReceiverClient("127.0.0.1:50052") as receiver:
         print(sender.relay("the match went to extra time", task="ag_news").label)     # full round trip
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
+from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
 
-from .channels import ClientSettings, call_timeout, make_sync_channel
+from telepathy.serving.channels import ClientSettings, call_timeout, make_sync_channel
 
 _DTYPES = {"fp32": common_pb2.DTYPE_FP32, "fp16": common_pb2.DTYPE_FP16, "bf16": common_pb2.DTYPE_BF16,
            "int8": common_pb2.DTYPE_INT8}
@@ -78,7 +78,7 @@ class SoftTokens:
     @classmethod
     def from_latents(cls, latents, task: str, fingerprint: str, bridge_id: str = "", wire_dtype: str = "int8") -> "SoftTokens":
         """An agent's own bridge-encoder output [K, d_wire] (torch tensor) → SoftTokens (quantized like the sender)."""
-        from bridge.codec import encode  # torch only for agents that bring their own tensors
+        from telepathy.bridge.codec import encode  # torch only for agents that bring their own tensors
 
         w = encode(latents, wire_dtype)
         return cls(task, bridge_id, fingerprint, common_pb2.Tensor(dtype=_DTYPES[w.dtype], shape=list(w.shape),

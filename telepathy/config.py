@@ -16,10 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-import bridge
+from telepathy.contract import SHIPPED_BRIDGES
 
-# Same folder as bridge.engine.SHIPPED_BRIDGES, without importing torch (a test checks they agree).
-SHIPPED_BRIDGES = Path(bridge.__file__).resolve().parent / "bridges"
 MiB = 1 << 20
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "fp32", "fp16", "bf16")

@@ -1,4 +1,5 @@
-"""Run services inside a Python process (tests, examples, benchmarks), and wait for remote ones.
+"""The one harness for tests, examples and benchmarks: free ports, tiny untrained bridges, a service or the
+gateway in a background thread, and waiting for remote services.
 
     with ServiceThread(lambda: build_receiver(settings, lm)) as receiver:   # own event loop, own thread
         channel = make_sync_channel(receiver.address)
@@ -15,12 +16,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .channels import ClientSettings, make_sync_channel
+from telepathy.serving.channels import ClientSettings, make_sync_channel
+
+if TYPE_CHECKING:
+    from telepathy.gateway.settings import GatewaySettings
 
 
 def free_port() -> int:
@@ -105,9 +109,9 @@ def make_untrained_bridges(root: str | Path, sender, receiver, tasks=None, **con
     """One random-init bridge per task for the (sender, receiver) LanguageModels, saved as real checkpoints."""
     import torch
 
-    from bridge.checkpoint import save_bridge
-    from bridge.resampler import Bridge, BridgeConfig
-    from bridge.tasks import TASKS
+    from telepathy.bridge.checkpoint import save_bridge
+    from telepathy.bridge.resampler import Bridge, BridgeConfig
+    from telepathy.bridge.tasks import TASKS
 
     root = Path(root)
     config = {"sender_layer": max(1, sender.num_layers // 2), "num_latents": 4, "d_model": 32, "depth": 1,
@@ -118,3 +122,54 @@ def make_untrained_bridges(root: str | Path, sender, receiver, tasks=None, **con
         bridge = Bridge(cfg, target_rms=receiver.embedding_rms_median())
         save_bridge(root / task, bridge, task, sender.fingerprint(), receiver.fingerprint(), training={"steps": 0})
     return root
+
+
+class GatewayThread:
+    """The gateway under a real uvicorn server in a background thread; the caller talks to it over loopback HTTP.
+
+        with GatewayThread(GatewaySettings(sender_addr=sender.address, port=0)) as gw:   # port 0 = a free one
+            httpx.post(f"{gw.url}/v1/classify", json={"task": "sst2", "text": "…"})
+
+    The app (and its grpc.aio channels, created in the lifespan) lives on the thread's own event loop.
+    """
+
+    def __init__(self, settings: "GatewaySettings", access_log: bool = False):
+        import uvicorn  # the gateway extra; the service harness above works without it
+
+        from telepathy.gateway.app import build_app
+
+        self.settings = settings
+        self.app = build_app(settings)
+        config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level="warning",
+                                access_log=access_log, timeout_graceful_shutdown=settings.graceful_shutdown_s)
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-uvicorn")
+        self.port: int | None = None
+
+    def start(self, timeout: float = 30.0) -> "GatewayThread":
+        if self.port is not None:  # already started (e.g. `with GatewayThread(...).start() as gw:`)
+            return self
+        self._thread.start()
+        end = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the gateway's uvicorn server exited during start-up (port taken?)")
+            if time.monotonic() > end:
+                raise TimeoutError(f"gateway did not start within {timeout:.0f}s")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]  # the real one when settings.port == 0
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "GatewayThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.checkpoint import save_bridge
-from bridge.lm import LanguageModel
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from bridge.resampler import Bridge, BridgeConfig
-from bridge.tasks import TASKS
+from telepathy.bridge.checkpoint import save_bridge
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.resampler import Bridge, BridgeConfig
+from telepathy.bridge.tasks import TASKS
 
 TINY_BRIDGE = dict(sender_layer=2, num_latents=4, d_model=32, depth=1, num_heads=4, d_wire=16)
 

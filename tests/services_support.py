@@ -14,17 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bridge.lm import LanguageModel
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from protos.telepathy.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
-from receiver_service.app import build_receiver
-from receiver_service.settings import ReceiverSettings
-from rpc.channels import ClientSettings, make_sync_channel
-from rpc.harness import ServiceThread, free_port, wait_until_serving  # noqa: F401  (free_port: for the tests)
-from pair_service.app import build_pair
-from pair_service.settings import PairSettings
-from sender_service.app import build_sender
-from sender_service.settings import SenderSettings
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
+from telepathy.receiver_service.app import build_receiver
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.serving.channels import ClientSettings, make_sync_channel
+from telepathy.testing import ServiceThread, free_port, wait_until_serving  # noqa: F401  (free_port: for the tests)
+from telepathy.pair_service.app import build_pair
+from telepathy.pair_service.settings import PairSettings
+from telepathy.sender_service.app import build_sender
+from telepathy.sender_service.settings import SenderSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # generous per-call deadline: the test machine is shared and busy
@@ -126,7 +126,7 @@ class ServiceProcess:
         self.role, self.port = role, port
         self.address = f"127.0.0.1:{port}"
         model = model or (TINY_RECEIVER if role == "receiver" else TINY_SENDER)
-        cmd = [sys.executable, "-m", "bridge.cli", "serve", role, "--model", model, "--bridges", str(bridges),
+        cmd = [sys.executable, "-m", "telepathy.cli", "serve", role, "--model", model, "--bridges", str(bridges),
                "--port", str(port), "--device", "cpu", *(["--receiver-model", TINY_RECEIVER] if role == "pair" else []), *args]
         clean = {k: v for k, v in os.environ.items() if not k.startswith("TELEPATHY_")}
         clean.update(env or {})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge.resampler import Bridge, BridgeConfig, parameter_count, wire_bytes
+from telepathy.bridge.resampler import Bridge, BridgeConfig, parameter_count, wire_bytes
 
 
 def test_config_validation_messages():

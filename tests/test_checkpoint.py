@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bridge.checkpoint import (
+from telepathy.bridge.checkpoint import (
     CheckpointError,
     FingerprintMismatch,
     find_bridges,
@@ -19,7 +19,7 @@ from bridge.checkpoint import (
     read_meta,
     save_bridge,
 )
-from bridge.resampler import Bridge, BridgeConfig
+from telepathy.bridge.resampler import Bridge, BridgeConfig
 
 
 @pytest.fixture()

@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 
-from bridge import __version__
-from bridge.cli import main
+from telepathy.contract import VERSION as __version__
+from telepathy.cli import main
 
 
 def test_version():
-    out = subprocess.run([sys.executable, "-m", "bridge.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "telepathy.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"telepathy {__version__}"
 
 

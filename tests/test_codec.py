@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridge.codec import WIRE_DTYPES, WireFormatError, WireTensor, decode, decode_batch, encode, encode_batch
+from telepathy.bridge.codec import WIRE_DTYPES, WireFormatError, WireTensor, decode, decode_batch, encode, encode_batch
 
 
 @pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("fp16", 1e-3), ("bf16", 8e-3), ("int8", 1e-2)])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.embedded import (
+from telepathy.bridge.embedded import (
     DEFAULT_RECEIVER,
     DEFAULT_SENDER,
     EMBEDDED_PRESETS,

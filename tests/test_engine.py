@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge.codec import decode_batch
-from bridge.engine import BridgeNotFoundError, ReceiverEngine, SenderEngine, load_bridge_set
-from bridge.lm import LanguageModel
-from bridge.tasks import UnknownTaskError
+from telepathy.bridge.codec import decode_batch
+from telepathy.bridge.runtime.engine import BridgeNotFoundError, ReceiverEngine, SenderEngine, load_bridge_set
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.tasks import UnknownTaskError
 from tests.conftest import make_tiny_bridges
 
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.baselines import PromptIds, PromptTuningRun, linear_probe, pick_shots, prompt_split
-from bridge.cli import main as cli
-from bridge.data import load_split, train_validation_split
-from bridge.evaluate import METHODS
-from bridge.hidden_cache import StatesStore
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from bridge.report import markdown_table, write_report
-from bridge.tasks import get_task
-from bridge.train import TrainConfig, train_bridges
+from telepathy.bridge.training.baselines import PromptIds, PromptTuningRun, linear_probe, pick_shots, prompt_split
+from telepathy.cli import main as cli
+from telepathy.bridge.training.data import load_split, train_validation_split
+from telepathy.bridge.training.evaluate import METHODS
+from telepathy.bridge.training.hidden_cache import StatesStore
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.training.report import markdown_table, write_report
+from telepathy.bridge.tasks import get_task
+from telepathy.bridge.training.train import TrainConfig, train_bridges
 
 TINY = dict(sender=TINY_SENDER, receiver=TINY_RECEIVER, soft_tokens=4, d_model=32, num_heads=4, d_wire=16,
             batch_size=12, validation_size=24, train_limit=60, warmup_steps=2, lr=3e-3, eval_every=4,
@@ -183,7 +183,7 @@ def test_gpu_pipeline_script_end_to_end_on_the_tiny_pair(tmp_path):
     import importlib.util
     import tarfile
 
-    script = Path(__file__).parent.parent / "scripts" / "gpu_experiments.py"
+    script = Path(__file__).parent.parent / "tools" / "gpu_experiments.py"
     spec = importlib.util.spec_from_file_location("gpu_experiments", script)
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)

@@ -12,9 +12,9 @@ import argparse
 import pytest
 import torch
 
-from bridge.codec import decode_batch, encode_batch
-from bridge.engine import ReceiverEngine, SenderEngine, load_bridge_set
-from bridge.fastpath import (
+from telepathy.bridge.codec import decode_batch, encode_batch
+from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
+from telepathy.bridge.runtime.fastpath import (
     FastPathConfig,
     FastPipeline,
     ReceiverFastPath,
@@ -29,9 +29,9 @@ from bridge.fastpath import (
     release_caches,
     supports_fused,
 )
-from bridge.lm import LanguageModel
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from bridge.tasks import get_task
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.tasks import get_task
 
 TASK = "ag_news"
 WORDS = ("the bank said profits rose as the market and oil prices fell after the game the team won a new phone chip "
@@ -247,7 +247,7 @@ def test_receiver_dequantizes_like_the_codec(engines, wire):
     items = encode_batch(latents, wire)
     eager, _ = receiver.classify_latents(decode_batch(items), TASK)
     fast = ReceiverFastPath(receiver)
-    from bridge.codec import quantize
+    from telepathy.bridge.codec import quantize
 
     values, scales = quantize(latents, wire)
     probs, _ = fast.classify_quantized(values, scales, TASK)
@@ -383,7 +383,7 @@ def test_fused_layers_in_bf16_are_as_accurate_as_hf_eager():
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from bridge.models import LoadedModel, tiny_tokenizer
+    from telepathy.bridge.models import LoadedModel, tiny_tokenizer
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=16, num_attention_heads=4,

@@ -15,15 +15,15 @@ import socket
 import httpx
 import pytest
 
-from bridge.cli import main
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from gateway.harness import GatewayThread
-from gateway.settings import GatewaySettings
-from receiver_service.app import build_receiver
-from receiver_service.settings import ReceiverSettings
-from rpc.harness import ServiceThread, make_untrained_bridges
-from sender_service.app import build_sender
-from sender_service.settings import SenderSettings
+from telepathy.cli import main
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.testing import GatewayThread
+from telepathy.gateway.settings import GatewaySettings
+from telepathy.receiver_service.app import build_receiver
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.testing import ServiceThread, make_untrained_bridges
+from telepathy.sender_service.app import build_sender
+from telepathy.sender_service.settings import SenderSettings
 
 TOKEN = "gateway-test-token"
 SENDER_MAX_TEXT = 2000  # below the gateway's 4000: texts in between reach the sender and come back INVALID_ARGUMENT

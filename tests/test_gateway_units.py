@@ -10,9 +10,9 @@ import argparse
 import grpc
 import pytest
 
-from bridge.cli import build_parser
-from gateway import serving
-from gateway.settings import ENV_VARS, GatewaySettings, add_arguments
+from telepathy.cli import build_parser
+from telepathy.gateway import serving
+from telepathy.gateway.settings import ENV_VARS, GatewaySettings, add_arguments
 
 
 # -- settings ---------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ def test_grpc_status_map(code, status):
 
 
 def test_field_trailer_matches_the_services():
-    from rpc.errors import FIELD_TRAILER
+    from telepathy.serving.errors import FIELD_TRAILER
 
     assert serving.FIELD_TRAILER == FIELD_TRAILER
 
@@ -176,7 +176,9 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
 sys.meta_path.insert(0, Block())
 import argparse
-from gateway import app, cli, harness, health, settings
+from telepathy import testing
+from telepathy.gateway import app, cli, settings
+from telepathy.ops import healthcheck
 parser = argparse.ArgumentParser()
 cli.register(parser.add_subparsers())
 app.build_app(settings.GatewaySettings.from_args(parser.parse_args(["gateway", "--port", "0"])))

@@ -1,4 +1,4 @@
-"""bench/gpu_latency.py on the CPU with the tiny pair: its batchers answer what an unbatched call answers, and a
+"""tools/gpu_latency.py on the CPU with the tiny pair: its batchers answer what an unbatched call answers, and a
 whole (short) run writes the issue's JSON fields. The GPU figures themselves come from the device (PERFORMANCE.md)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridge.fastpath import FastPathConfig, FastPipeline, ReceiverFastPath, SenderFastPath
+from telepathy.bridge.runtime.fastpath import FastPathConfig, FastPipeline, ReceiverFastPath, SenderFastPath
 from tests.test_fastpath import TASK, engines, texts_of  # noqa: F401  (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gpu_latency import DynamicBatcher, main as gpu_latency, run_batcher  # noqa: E402
+from tools.gpu_latency import DynamicBatcher, main as gpu_latency, run_batcher  # noqa: E402
 
 REQUIRED = ["device", "bridge_b1_ms_p50", "bridge_b1_ms_p99", "floor_ms", "text_relay_48_ms_p50", "throughput_b32_rps",
             "services_b1_ms_p50"]

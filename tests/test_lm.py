@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridge.lm import LanguageModel, length_bucket
-from bridge.models import ModelSpecError, load_model
-from bridge.tasks import TASKS, UnknownTaskError, get_task
+from telepathy.bridge.lm import LanguageModel, length_bucket
+from telepathy.bridge.models import ModelSpecError, load_model
+from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
 
 
 def test_length_buckets():

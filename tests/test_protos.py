@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protos.generate import stale_files
+from tools.generate_protos import stale_files
 
 
 def test_generated_stubs_are_current():
@@ -10,7 +10,7 @@ def test_generated_stubs_are_current():
 
 
 def test_contract_shape():
-    from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2
+    from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
 
     receiver = receiver_pb2.DESCRIPTOR.services_by_name["Receiver"]
     assert [m.name for m in receiver.methods] == ["Classify", "ClassifyStream", "ClassifyText", "ListBridges", "Info"]

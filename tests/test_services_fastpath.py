@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from rpc.settings import SettingsError
-from sender_service.settings import SenderSettings
+from telepathy.config import SettingsError
+from telepathy.sender_service.settings import SenderSettings
 from tests.services_support import TIMEOUT, relay, sender_stub, start_receiver, start_sender
 from tests.test_services_roundtrip import reference  # noqa: F401  (fixture: the in-process engines)
 

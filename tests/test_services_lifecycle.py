@@ -8,13 +8,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bridge.lm import LanguageModel
-from bridge.models import TINY_RECEIVER
-from protos.telepathy.v1 import receiver_pb2
-from receiver_service.app import build_receiver
-from receiver_service.settings import ReceiverSettings
-from rpc.channels import make_sync_channel
-from rpc.harness import ServiceThread
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER
+from telepathy.protos.v1 import receiver_pb2
+from telepathy.receiver_service.app import build_receiver
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.serving.channels import make_sync_channel
+from telepathy.testing import ServiceThread
 from tests.services_support import (
     TIMEOUT, assert_status, free_port, metric, receiver_stub, relay, rpc_error, sender_stub, start_receiver, start_sender,
     wait_for,

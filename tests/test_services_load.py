@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from protos.telepathy.v1 import receiver_pb2, sender_pb2
-from rpc.batcher import DeadlineExpiredError, DynamicBatcher, QueueFullError
+from telepathy.protos.v1 import receiver_pb2, sender_pb2
+from telepathy.serving.batcher import DeadlineExpiredError, DynamicBatcher, QueueFullError
 from tests.services_support import (
     TIMEOUT, assert_status, classify_request, metric, receiver_stub, relay, rpc_error, sender_stub, soft_tokens_for,
     start_receiver, start_sender, wait_for,
@@ -174,7 +174,7 @@ def test_batcher_pipelines_deferred_batches_up_to_the_limit():
     answered, never more than max_in_flight at once, answers keep their order, a failed wait fails its batch only."""
     import threading
 
-    from rpc.batcher import Deferred
+    from telepathy.serving.batcher import Deferred
 
     started: list[list[int]] = []
     release = {i: threading.Event() for i in range(4)}

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2
-from rpc.channels import make_sync_channel
+from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
+from telepathy.serving.channels import make_sync_channel
 from tests.services_support import (
     TIMEOUT, assert_status, field_trailer, metric, receiver_stub, relay, rpc_error, sender_stub, start_pair,
 )
@@ -138,7 +138,7 @@ def test_fusion_off_runs_two_model_calls_with_the_same_answer(tiny_bridges_dir, 
 def test_a_task_only_the_sender_has_goes_the_two_service_way(tmp_path, tiny_sender):
     """A bridge made for another receiver model: the receiver part skips it, the pair does not fuse that task,
     and the receiver part answers as a separate receiver would."""
-    from rpc.harness import make_untrained_bridges
+    from telepathy.testing import make_untrained_bridges
 
     bridges = make_untrained_bridges(tmp_path / "b", tiny_sender, tiny_sender, tasks=["sst2"], sender_layer=2)
     service = start_pair(bridges)
@@ -176,7 +176,7 @@ def test_serve_pair_process_serves_both_and_drains_on_sigterm(tmp_path, tiny_bri
 
 
 def test_serve_refuses_options_of_another_role(capsys):
-    from bridge.cli import main as telepathy
+    from telepathy.cli import main as telepathy
 
     assert telepathy(["serve", "receiver", "--receiver-model", "random:tiny-gemma"]) == 2
     assert capsys.readouterr().err.strip() == "telepathy serve receiver: --receiver-model does not apply to this role"

@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from protos.telepathy.v1 import sender_pb2
+from telepathy.protos.v1 import sender_pb2
 from tests.services_support import (
     TIMEOUT, ServiceProcess, assert_status, free_port, metric, relay, rpc_error, scrape, sender_stub, start_receiver,
     start_sender, wait_for,

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import WIRE_DTYPES
-from bridge.engine import SHIPPED_BRIDGES
-from bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
-from pair_service.settings import PairSettings
-from receiver_service.settings import ReceiverSettings
-from rpc.channels import ClientSettings
-from rpc.settings import SHIPPED_BRIDGES as SETTINGS_SHIPPED, SettingsError, env_vars, from_sources, is_loopback
-from sender_service import settings as sender_settings
-from sender_service.settings import SenderSettings
+from telepathy.bridge.codec import WIRE_DTYPES
+from telepathy.bridge.runtime.engine import SHIPPED_BRIDGES
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+from telepathy.pair_service.settings import PairSettings
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.serving.channels import ClientSettings
+from telepathy.config import SHIPPED_BRIDGES as SETTINGS_SHIPPED, SettingsError, env_vars, from_sources, is_loopback
+from telepathy.sender_service import settings as sender_settings
+from telepathy.sender_service.settings import SenderSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "SERVICES.md"
 

@@ -7,8 +7,8 @@ import struct
 import grpc
 import pytest
 
-from protos.telepathy.v1 import common_pb2, receiver_pb2, sender_pb2
-from rpc.harness import make_untrained_bridges
+from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
+from telepathy.testing import make_untrained_bridges
 from tests.services_support import (
     TIMEOUT, assert_status, classify_request, field_trailer, receiver_stub, relay, rpc_error, sender_stub,
     soft_tokens_for, start_receiver, start_sender,

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from bridge.checkpoint import find_bridges, read_meta
-from bridge.classify import Classifier, shipped_bridge_dir
-from bridge.data import load_split
-from bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
-from bridge.tasks import TASKS
+from telepathy.bridge.checkpoint import find_bridges, read_meta
+from telepathy.bridge.classify import Classifier, shipped_bridge_dir
+from telepathy.bridge.training.data import load_split
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+from telepathy.bridge.tasks import TASKS
 
 pytestmark = [
     pytest.mark.realmodel,
@@ -39,7 +39,7 @@ def test_every_task_has_a_small_shipped_bridge():
 
 @pytest.fixture(scope="module")
 def classifier():
-    from bridge.lm import LanguageModel
+    from telepathy.bridge.lm import LanguageModel
 
     try:
         sender = LanguageModel.load(DEFAULT_SENDER)
@@ -63,7 +63,7 @@ def test_shipped_bridge_accuracy_on_100_test_rows(classifier, task):
 
 
 def test_classify_command_uses_the_shipped_bridge(capsys):
-    from bridge.cli import main as cli
+    from telepathy.cli import main as cli
 
     assert cli(["classify", "--task", "sst2", "--device", "cpu", "--json",
                 "A gorgeous, moving film with wonderful performances."]) == 0

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from bridge.checkpoint import load_bridge, read_meta
-from bridge.cli import main as cli
-from bridge.data import load_split
-from bridge.engine import ReceiverEngine, SenderEngine, load_bridge_set
-from bridge.hidden_cache import SenderStates, StatesStore, compute_sender_states, sender_states
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from bridge.train import (
+from telepathy.bridge.checkpoint import load_bridge, read_meta
+from telepathy.cli import main as cli
+from telepathy.bridge.training.data import load_split
+from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
+from telepathy.bridge.training.hidden_cache import SenderStates, StatesStore, compute_sender_states, sender_states
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.training.train import (
     TrainConfig,
     batch_similarity,
     lr_at,
@@ -210,8 +210,8 @@ def test_resume_cli_finishes_a_cut_run(tmp_path, tiny_sender, tiny_receiver, cap
 @pytest.mark.slow
 def test_real_pair_trains_a_few_steps(tmp_path):
     """The embedded pair end to end on the CPU: the default bridge shape, a finite falling-or-not loss, ≤ 10 MB."""
-    from bridge.lm import LanguageModel
-    from bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+    from telepathy.bridge.lm import LanguageModel
+    from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
 
     try:
         sender, receiver = LanguageModel.load(DEFAULT_SENDER), LanguageModel.load(DEFAULT_RECEIVER)

@@ -49,7 +49,7 @@ class Up:
     """`telepathy up` in its own session (as from a terminal), its output collected line by line."""
 
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "up", *args], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "telepathy.cli", "up", *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -134,7 +134,7 @@ def test_up_refuses_a_busy_port():
         busy.listen()
         port = busy.getsockname()[1]
         sender_port, receiver_port = _free_ports(2)
-        r = subprocess.run([sys.executable, "-m", "bridge.cli", "up", "--port", str(port), "--sender-port",
+        r = subprocess.run([sys.executable, "-m", "telepathy.cli", "up", "--port", str(port), "--sender-port",
                             str(sender_port), "--receiver-port", str(receiver_port)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 2

@@ -10,7 +10,7 @@ wire dtype sends
     python scripts/bench_services.py                                    # tiny random pair, untrained bridges
     python scripts/bench_services.py --sender smollm2-135m-instruct --receiver gemma-3-270m --device cuda
     python scripts/bench_services.py --bridges runs/bridges --out results/bench_services.json
-    # issue 7's services figure, after bench/gpu_latency.py in the same call (same bridge shape, 64-token inputs):
+    # the services figure of docs/PERFORMANCE.md, after tools/gpu_latency.py in the same call (same bridge shape, 64-token inputs):
     python scripts/bench_services.py --sender random:llama-3.1-8b --receiver random:mistral-7b-v0.3 --device cuda \
         --sender-layer 28 --input-tokens 64 --dtypes int8 --gpu-latency-json results/gpu_latency.json
     # two GPUs of one host: --sender-device cuda:0 --receiver-device cuda:1
@@ -41,18 +41,18 @@ import grpc
 import torch
 from google.protobuf import __version__ as protobuf_version
 
-from bridge.lm import LanguageModel
-from bridge.models import TINY_RECEIVER, TINY_SENDER
-from protos.telepathy.v1 import common_pb2, sender_pb2, sender_pb2_grpc
-from receiver_service.app import build_receiver
-from pair_service.app import build_pair
-from pair_service.settings import PairSettings
-from receiver_service.settings import ReceiverSettings
-from rpc.channels import make_sync_channel
-from rpc.harness import ServiceThread, free_port, make_untrained_bridges, wait_until_serving
-from rpc.service import resolve_device
-from sender_service.app import build_sender
-from sender_service.settings import SenderSettings
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.protos.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from telepathy.receiver_service.app import build_receiver
+from telepathy.pair_service.app import build_pair
+from telepathy.pair_service.settings import PairSettings
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.serving.channels import make_sync_channel
+from telepathy.testing import ServiceThread, free_port, make_untrained_bridges, wait_until_serving
+from telepathy.serving.lifecycle import resolve_device
+from telepathy.sender_service.app import build_sender
+from telepathy.sender_service.settings import SenderSettings
 
 STAGES = ["sender_queue", "sender_model", "wire", "receiver_queue", "receiver_model", "total"]
 DTYPES = {"fp32": common_pb2.DTYPE_FP32, "fp16": common_pb2.DTYPE_FP16, "bf16": common_pb2.DTYPE_BF16,
@@ -106,7 +106,7 @@ def run(stub, requests: list[sender_pb2.RelayRequest], concurrency: int) -> dict
 
 
 def bridge_shape(sender: LanguageModel, receiver: LanguageModel, sender_layer: int | None = None) -> dict:
-    """The bridge of bench/gpu_latency.py for real shapes (K=16, d_model 512, depth 2, d_wire 512), a tiny one else."""
+    """The bridge of tools/gpu_latency.py for real shapes (K=16, d_model 512, depth 2, d_wire 512), a tiny one else."""
     if sender.spec.startswith("random:tiny") or receiver.spec.startswith("random:tiny"):
         return {"sender_layer": sender_layer or max(1, sender.num_layers // 2)}
     return {"sender_layer": sender_layer or max(1, sender.num_layers * 4 // 5), "num_latents": 16, "d_model": 512,
@@ -118,13 +118,13 @@ def bench_texts(sender: LanguageModel, n: int, input_tokens: int | None) -> list
     if not input_tokens:
         return [TEXTS[i % len(TEXTS)] for i in range(n)]
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.gpu_latency import texts_with_tokens
+    from tools.gpu_latency import texts_with_tokens
 
     return texts_with_tokens(sender, n, input_tokens)
 
 
 def update_gpu_latency(path: Path, results: dict, meta: dict) -> None:
-    """Fill services_b1_ms_p50 / _p99 of bench/gpu_latency.py's JSON with the int8 batch-1 round trip."""
+    """Fill services_b1_ms_p50 / _p99 of tools/gpu_latency.py's JSON with the int8 batch-1 round trip."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     b1 = results["bridge/int8"][0]
     model = doc.get("bridge_b1_ms_p50")
@@ -144,7 +144,7 @@ class ServiceProcess:
 
     def __init__(self, role: str, options: dict, log_path: Path):
         self.address = f"127.0.0.1:{options['port']}"
-        argv = [sys.executable, "-m", "bridge.cli", "serve", role]
+        argv = [sys.executable, "-m", "telepathy.cli", "serve", role]
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         self.log = open(log_path, "w", encoding="utf-8")
@@ -190,7 +190,7 @@ def main() -> int:
     p.add_argument("--input-tokens", type=int, default=None,
                    help="AG News articles cut to this many sender tokens (default: the short mixed texts)")
     p.add_argument("--dtypes", default=",".join(DTYPES), help="wire dtypes to measure")
-    p.add_argument("--gpu-latency-json", type=Path, help="fill services_b1_ms_p50 in this bench/gpu_latency.py JSON")
+    p.add_argument("--gpu-latency-json", type=Path, help="fill services_b1_ms_p50 in this tools/gpu_latency.py JSON")
     p.add_argument("--processes", action="store_true", help="run each service in its own process (as deployed)")
     p.add_argument("--pair", action="store_true", help="one pair service (telepathy serve pair) instead of two services")
     p.add_argument("--logs", type=Path, default=Path(tempfile.gettempdir()), help="--processes: folder for their logs")

@@ -20,7 +20,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from bridge.tasks import TASKS
+    from telepathy.bridge.tasks import TASKS
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]
     task_words: list[str] = []

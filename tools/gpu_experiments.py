@@ -35,14 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge.checkpoint import read_meta  # noqa: E402
-from bridge.data import load_split  # noqa: E402
-from bridge.evaluate import EvalSettings, evaluate_task, format_table  # noqa: E402
-from bridge.hidden_cache import StatesStore  # noqa: E402
-from bridge.lm import LanguageModel  # noqa: E402
-from bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402
-from bridge.resampler import wire_bytes  # noqa: E402
-from bridge.train import (  # noqa: E402
+from telepathy.bridge.checkpoint import read_meta  # noqa: E402
+from telepathy.bridge.training.data import load_split  # noqa: E402
+from telepathy.bridge.training.evaluate import EvalSettings, evaluate_task, format_table  # noqa: E402
+from telepathy.bridge.training.hidden_cache import StatesStore  # noqa: E402
+from telepathy.bridge.lm import LanguageModel  # noqa: E402
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402
+from telepathy.bridge.resampler import wire_bytes  # noqa: E402
+from telepathy.bridge.training.train import (  # noqa: E402
     DEFAULT_D_WIRE,
     DEFAULT_SOFT_TOKENS,
     DEFAULT_WIRE_DTYPE,

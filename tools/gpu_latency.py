@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU latency of the bridge path, its weight-bandwidth floor, the text relay and throughput — one run, one card.
 
-    python bench/gpu_latency.py                                   # Llama-3.1-8B → Mistral-7B shapes, random weights, CUDA
-    python bench/gpu_latency.py --tiny --device cpu --runs 5      # the same script end to end on the tiny pair (CPU)
+    python tools/gpu_latency.py                                   # Llama-3.1-8B → Mistral-7B shapes, random weights, CUDA
+    python tools/gpu_latency.py --tiny --device cpu --runs 5      # the same script end to end on the tiny pair (CPU)
 
 Sections (each one guarded: a failure is recorded under "errors" and the run goes on; the JSON is rewritten
 after every section so a timeout still leaves what was measured):
@@ -45,11 +45,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.checkpoint import BridgeMeta  # noqa: E402
-from bridge.codec import quantize  # noqa: E402
-from bridge.data import load_split  # noqa: E402
-from bridge.engine import BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine  # noqa: E402
-from bridge.fastpath import (  # noqa: E402
+from telepathy.bridge.checkpoint import BridgeMeta  # noqa: E402
+from telepathy.bridge.codec import quantize  # noqa: E402
+from telepathy.bridge.training.data import load_split  # noqa: E402
+from telepathy.bridge.runtime.engine import BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine  # noqa: E402
+from telepathy.bridge.runtime.fastpath import (  # noqa: E402
     FastPathConfig,
     FastPipeline,
     ReceiverFastPath,
@@ -61,9 +61,9 @@ from bridge.fastpath import (  # noqa: E402
     fused_decoder,
     release_caches,
 )
-from bridge.lm import LanguageModel  # noqa: E402
-from bridge.resampler import Bridge, BridgeConfig  # noqa: E402
-from bridge.tasks import get_task  # noqa: E402
+from telepathy.bridge.lm import LanguageModel  # noqa: E402
+from telepathy.bridge.resampler import Bridge, BridgeConfig  # noqa: E402
+from telepathy.bridge.tasks import get_task  # noqa: E402
 
 TASK = "ag_news"
 
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     out_paths = [Path(args.out)] + ([Path(os.environ["OUT"]) / "gpu_latency.json"] if os.environ.get("OUT") else [])
     R: dict = {"device": None, "bridge_b1_ms_p50": None, "bridge_b1_ms_p99": None, "floor_ms": None,
                "text_relay_48_ms_p50": None, "throughput_b32_rps": None, "services_b1_ms_p50": None,
-               "command": "python bench/gpu_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "command": "python tools/gpu_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "fastpath_config": fp_config.to_dict(), "errors": {}}
 
     def save() -> None:

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bridge.checkpoint import read_meta  # noqa: E402
-from bridge.evaluate import merge_results  # noqa: E402
-from bridge.report import write_report  # noqa: E402
+from telepathy.bridge.checkpoint import read_meta  # noqa: E402
+from telepathy.bridge.training.evaluate import merge_results  # noqa: E402
+from telepathy.bridge.training.report import write_report  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import BridgeMeta, CheckpointError, find_bridges, load_adapter, load_encoder
-from .codec import WireTensor, encode_batch
-from .lm import LanguageModel
-from .resampler import BridgeAdapter, BridgeEncoder
-from .tasks import TaskSpec, get_task
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridges, load_adapter, load_encoder
+from telepathy.bridge.codec import WireTensor, encode_batch
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.resampler import BridgeAdapter, BridgeEncoder
+from telepathy.bridge.tasks import TaskSpec, get_task
+from telepathy.contract import SHIPPED_BRIDGES  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-SHIPPED_BRIDGES = Path(__file__).resolve().parent / "bridges"
 
 
 class BridgeNotFoundError(KeyError):

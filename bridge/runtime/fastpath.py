@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import WIRE_DTYPES, WireTensor, decode_batch, quantize
-from .engine import ReceiverEngine, SenderEngine
-from .lm import LanguageModel, length_bucket
-from .tasks import get_task
+from telepathy.bridge.codec import WIRE_DTYPES, WireTensor, decode_batch, quantize
+from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine
+from telepathy.bridge.lm import LanguageModel, length_bucket
+from telepathy.bridge.tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Example
-from .lm import LanguageModel
-from .tasks import TaskSpec
-from .train import Split, TrainConfig, TrainRun
+from telepathy.bridge.training.data import Example
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.tasks import TaskSpec
+from telepathy.bridge.training.train import Split, TrainConfig, TrainRun
 
 
 def truncate_texts(lm: LanguageModel, texts: list[str], max_tokens: int) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .tasks import get_task
+from telepathy.bridge.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Example:
 def data_root() -> Path:
     """`TELEPATHY_DATA_DIR`, else the `data/` folder of the source checkout (or image)."""
     env = os.environ.get("TELEPATHY_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
 
 
 def load_split(task: str, split: str, limit: int | None = None) -> list[Example]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from .baselines import (
+from telepathy.bridge.training.baselines import (
     PromptTuningRun,
     accuracy,
     classify_relayed,
@@ -41,14 +41,14 @@ from .baselines import (
     truncate_texts,
     zero_shot,
 )
-from .checkpoint import BridgeMeta, CheckpointError, find_bridges, load_bridge
-from .data import Example, load_split, train_validation_split
-from .engine import BridgeSet, ReceiverEngine
-from .hidden_cache import StatesStore
-from .lm import LanguageModel
-from .resampler import wire_bytes
-from .tasks import TASKS, UnknownTaskError, get_task
-from .train import (
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridges, load_bridge
+from telepathy.bridge.training.data import Example, load_split, train_validation_split
+from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
+from telepathy.bridge.training.hidden_cache import StatesStore
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.resampler import wire_bytes
+from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
+from telepathy.bridge.training.train import (
     DEFAULT_WIRE_DTYPE,
     DTYPES,
     SPLIT_SEED,
@@ -372,7 +372,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
+    from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
 
     try:
         get_task(args.task)
@@ -387,7 +387,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     if args.bridge:
         try:
             bridge_dirs = resolve_bridge_dirs(args.bridge)
-            from .checkpoint import read_meta
+            from telepathy.bridge.checkpoint import read_meta
 
             first = read_meta(bridge_dirs[0])
         except CheckpointError as exc:

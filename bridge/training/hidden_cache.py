@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .lm import LanguageModel
+from telepathy.bridge.lm import LanguageModel
 
 CACHE_FORMAT = "telepathy-hidden-states-v1"
 

@@ -13,9 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .evaluate import METHODS
-from .tasks import get_task
-from .train import fail
+from telepathy.bridge.training.evaluate import METHODS
+from telepathy.bridge.tasks import get_task
+from telepathy.bridge.training.train import fail
 
 TASK_ORDER = ("ag_news", "trec", "sst2")
 

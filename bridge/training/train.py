@@ -43,14 +43,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import BridgeMeta, CheckpointError, save_bridge
-from .data import BalancedSampler, Example, train_validation_split
-from .engine import BridgeSet, ReceiverEngine
-from .hidden_cache import SenderStates, StatesStore
-from .lm import LanguageModel
-from .models import DEFAULT_RECEIVER, DEFAULT_SENDER
-from .resampler import Bridge, BridgeConfig, parameter_count
-from .tasks import TASKS, TaskSpec, UnknownTaskError, get_task
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, save_bridge
+from telepathy.bridge.training.data import BalancedSampler, Example, train_validation_split
+from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
+from telepathy.bridge.training.hidden_cache import SenderStates, StatesStore
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+from telepathy.bridge.resampler import Bridge, BridgeConfig, parameter_count
+from telepathy.bridge.tasks import TASKS, TaskSpec, UnknownTaskError, get_task
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ def bridge_inputs(bridge: Bridge, engine: ReceiverEngine, meta: BridgeMeta, stat
 
 def wire_round_trip(wire: torch.Tensor, dtype: str) -> torch.Tensor:
     """What the receiver gets after bridge.codec quantizes `wire` [B, K, D] (same arithmetic as codec.decode)."""
-    from .codec import quantize
+    from telepathy.bridge.codec import quantize
 
     q, scales = quantize(wire, dtype)
     out = q.float() * scales.unsqueeze(-1) if scales is not None else q.float()
@@ -656,7 +656,7 @@ def default_device() -> str:
 
 
 def default_cache_dir() -> Path:
-    from .embedded import cache_root
+    from telepathy.bridge.embedded import cache_root
 
     return cache_root() / "hidden-states"
 
@@ -685,7 +685,7 @@ def _train_command(args: argparse.Namespace) -> int:
         return fail("train", f"--resume: no checkpoint under {out / 'checkpoints'}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         return fail("train", "--device cuda was asked for, but no CUDA device is available")
-    from .models import ModelSpecError
+    from telepathy.bridge.models import ModelSpecError
 
     try:
         sender = LanguageModel.load(config.sender, device=config.device, dtype=DTYPES.get(args.dtype))

@@ -21,10 +21,10 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge import __version__
+from telepathy.contract import VERSION
 
-from . import protocol
-from .serving import (
+from telepathy.gateway import protocol
+from telepathy.gateway.serving import (
     REQUEST_ID_HEADER,
     GatewayError,
     GatewayMetrics,
@@ -35,7 +35,7 @@ from .serving import (
     request_id_from,
     validation_error,
 )
-from .settings import GatewaySettings
+from telepathy.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="Telepathy gateway",
-        version=__version__,
+        version=VERSION,
         description="Classify text with two LLMs that talk through learned soft tokens (path=bridge) or through a "
                     "relay text (path=text). Errors: {\"error\": {\"type\", \"message\", \"param\"}}.",
         lifespan=lifespan,

@@ -11,7 +11,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from . import settings as gw_settings
+    from telepathy.gateway import settings as gw_settings
 
     # -- gateway ---------------------------------------------------------------------------------------------
     p = subparsers.add_parser("gateway", help="serve the HTTP gateway alone (uvicorn) in front of a running sender",
@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # -- up --------------------------------------------------------------------------------------------------
     # torch-free copies of bridge.models' defaults: the gateway image has no torch (nor filelock, which
     # bridge.embedded needs), and `telepathy --help` must work there.
-    from receiver_service.settings import DEFAULT_RECEIVER
-    from sender_service.settings import DEFAULT_SENDER
+    from telepathy.receiver_service.settings import DEFAULT_RECEIVER
+    from telepathy.sender_service.settings import DEFAULT_SENDER
 
     p = subparsers.add_parser("up", help="run receiver, sender and gateway locally until Ctrl-C (`make up`)",
                               description="Start the receiver, the sender and the gateway as local processes on "
@@ -84,8 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .app import build_app
-    from .settings import GatewaySettings
+    from telepathy.gateway.app import build_app
+    from telepathy.gateway.settings import GatewaySettings
 
     try:
         settings = GatewaySettings.from_args(args)
@@ -98,7 +98,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .launcher import UpConfig, up
+    from telepathy.ops.up import UpConfig, up
 
     _quiet_http_client_logs()  # the readiness poll would log a line every half second
     try:
@@ -120,7 +120,7 @@ def _quiet_http_client_logs() -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_report, run_bench
+    from telepathy.ops.bench import BenchConfig, format_report, run_bench
 
     _quiet_http_client_logs()
     cfg = BenchConfig(url=args.url, task=args.task, requests=args.requests, concurrency=args.concurrency,
@@ -138,7 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    from .health import check_grpc, check_http
+    from telepathy.ops.healthcheck import check_grpc, check_http
 
     _quiet_http_client_logs()
     if args.http:

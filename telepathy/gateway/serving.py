@@ -22,13 +22,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from bridge import __version__
-from bridge.tasks import TASKS, UnknownTaskError, get_task
-from protos.telepathy.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
-from rpc.channels import ClientSettings, make_channel
+from telepathy.contract import FIELD_TRAILER, VERSION
+from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
+from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
+from telepathy.serving.channels import ClientSettings, make_channel
 
-from . import protocol
-from .settings import GatewaySettings
+from telepathy.gateway import protocol
+from telepathy.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,6 @@ def error_from_grpc(exc: grpc.RpcError, service: str) -> GatewayError:
 
 # Trailing-metadata key in which the services name the offending request field (= rpc.errors.FIELD_TRAILER; not
 # imported from there because rpc.errors pulls in torch, and the gateway stays torch-free; a test checks they agree).
-FIELD_TRAILER = "telepathy-error-field"
 # Service-side field → the HTTP request's field. A missing bridge is reported on bridge_id, but HTTP clients
 # never send one: for them it is the task that has no bridge.
 _FIELD_TO_PARAM = {"text": "text", "task": "task", "bridge_id": "task", "path": "path"}
@@ -480,4 +479,4 @@ class GatewayService:
                 log.info("receiver Info failed: %s %s", exc.code().name, exc.details())
         elif s_info is not None:
             receiver.status = "SERVING" if s_info.receiver_connected else "NOT_CONNECTED"
-        return protocol.InfoResponse(gateway_version=__version__, sender=sender, receiver=receiver)
+        return protocol.InfoResponse(gateway_version=VERSION, sender=sender, receiver=receiver)

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from bridge.tasks import get_task
+from telepathy.bridge.tasks import get_task
 
 PATHS = ("bridge", "text")
 
@@ -67,7 +67,7 @@ class Sample:
 def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> list[tuple[str, Optional[int]]]:
     """(text, label or None) pairs: the task's test split by default, or a JSONL / plain-text file."""
     if not texts_file:
-        from bridge.data import load_split
+        from telepathy.bridge.training.data import load_split
         return [(ex.text, ex.label) for ex in load_split(task, "test", limit=limit)]
     rows: list[tuple[str, Optional[int]]] = []
     with open(texts_file, encoding="utf-8") as f:

@@ -9,7 +9,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rpc.channels import ClientSettings, make_sync_channel
+from telepathy.serving.channels import ClientSettings, make_sync_channel
 
 
 def check_http(url: str, timeout_s: float = 3.0, api_key: str = "") -> tuple[bool, str]:

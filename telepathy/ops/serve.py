@@ -18,11 +18,11 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
-from pair_service.settings import PairSettings
-from receiver_service.settings import ReceiverSettings
-from sender_service.settings import SenderSettings
+from telepathy.pair_service.settings import PairSettings
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.sender_service.settings import SenderSettings
 
-from .settings import SettingsError, from_sources, option_name
+from telepathy.config import SettingsError, from_sources, option_name
 
 log = logging.getLogger(__name__)
 ENV_ONLY = {"auth_token"}
@@ -77,11 +77,11 @@ def _serve(args: argparse.Namespace) -> int:
 async def run_service(role: str, settings) -> int:
     """Start the service, wait for SIGTERM/SIGINT, drain. Runs the whole life of `telepathy serve`."""
     if role == "sender":
-        from sender_service.app import build_sender as build
+        from telepathy.sender_service.app import build_sender as build
     elif role == "pair":
-        from pair_service.app import build_pair as build
+        from telepathy.pair_service.app import build_pair as build
     else:
-        from receiver_service.app import build_receiver as build
+        from telepathy.receiver_service.app import build_receiver as build
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

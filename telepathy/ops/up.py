@@ -33,9 +33,9 @@ from typing import IO, Optional
 import httpx
 
 # torch-free sources of the same constants as bridge.engine / bridge.models: the launcher never loads a model.
-from receiver_service.settings import DEFAULT_RECEIVER
-from rpc.settings import SHIPPED_BRIDGES
-from sender_service.settings import DEFAULT_SENDER
+from telepathy.receiver_service.settings import DEFAULT_RECEIVER
+from telepathy.config import SHIPPED_BRIDGES
+from telepathy.sender_service.settings import DEFAULT_SENDER
 
 LOOPBACK = "127.0.0.1"
 
@@ -115,7 +115,7 @@ class Launcher:
     # -- commands ----------------------------------------------------------------------------------------------
     def commands(self) -> dict[str, list[str]]:
         c = self.config
-        cli = [sys.executable, "-m", "bridge.cli"]
+        cli = [sys.executable, "-m", "telepathy.cli"]
         receiver_addr = f"{LOOPBACK}:{c.receiver_port}"
         sender_addr = f"{LOOPBACK}:{c.sender_port}"
         device = ["--device", c.device] if c.device else []

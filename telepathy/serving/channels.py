@@ -2,8 +2,8 @@
 
 For the gateway and any other client:
 
-    from rpc.channels import ClientSettings, make_channel, make_sync_channel, call_timeout
-    from protos.telepathy.v1 import sender_pb2, sender_pb2_grpc
+    from telepathy.serving.channels import ClientSettings, make_channel, make_sync_channel, call_timeout
+    from telepathy.protos.v1 import sender_pb2, sender_pb2_grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     settings = ClientSettings.from_env()        # TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_CA/CERT/KEY, …
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from .auth import SyncTokenInterceptor, aio_token_interceptors, bearer, channel_credentials
-from .settings import MiB, env_field, from_sources, require
+from telepathy.serving.auth import SyncTokenInterceptor, aio_token_interceptors, bearer, channel_credentials
+from telepathy.config import MiB, env_field, from_sources, require
 
 CLIENT_KEEPALIVE_MS = 30_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000  # must stay below CLIENT_KEEPALIVE_MS

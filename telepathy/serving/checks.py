@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from bridge.tasks import TaskSpec, UnknownTaskError, get_task
+from telepathy.bridge.tasks import TaskSpec, UnknownTaskError, get_task
 
-from .errors import ServiceError, invalid
+from telepathy.serving.errors import ServiceError, invalid
 
 
 def require_task(task: str, field: str = "task") -> TaskSpec:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from bridge import __version__
-from bridge.checkpoint import BridgeMeta
-from bridge.codec import WireFormatError, WireTensor
-from bridge.lm import LanguageModel
-from protos.telepathy.v1 import common_pb2
+from telepathy.bridge.checkpoint import BridgeMeta
+from telepathy.bridge.codec import WireFormatError, WireTensor
+from telepathy.bridge.lm import LanguageModel
+from telepathy.contract import VERSION  # noqa: F401 - re-exported for the servicers
+from telepathy.protos.v1 import common_pb2
 
-from .errors import invalid
-from .settings import ServiceSettings
+from telepathy.serving.errors import invalid
+from telepathy.config import ServiceSettings
 
 DTYPE_TO_PB = {
     "fp32": common_pb2.DTYPE_FP32,
@@ -20,7 +20,6 @@ DTYPE_TO_PB = {
     "int8": common_pb2.DTYPE_INT8,
 }
 PB_TO_DTYPE = {v: k for k, v in DTYPE_TO_PB.items()}
-VERSION = __version__
 
 
 def wire_dtype_from_pb(value: int, default: str, field: str = "wire_dtype") -> str:

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from bridge.checkpoint import FingerprintMismatch
-from bridge.codec import WireFormatError
-from bridge.engine import BridgeNotFoundError
-from bridge.tasks import UnknownTaskError
+from telepathy.bridge.checkpoint import FingerprintMismatch
+from telepathy.bridge.codec import WireFormatError
+from telepathy.bridge.runtime.engine import BridgeNotFoundError
+from telepathy.bridge.tasks import UnknownTaskError
 
-from .batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
+from telepathy.contract import FIELD_TRAILER
+from telepathy.serving.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 
 log = logging.getLogger(__name__)
-FIELD_TRAILER = "telepathy-error-field"
 
 
 class ServiceError(Exception):

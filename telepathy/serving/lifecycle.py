@@ -16,15 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from bridge.engine import BridgeSet, load_bridge_set
-from bridge.lm import LanguageModel
+from telepathy.bridge.runtime.engine import BridgeSet, load_bridge_set
+from telepathy.bridge.lm import LanguageModel
 
-from .batcher import DynamicBatcher
-from .convert import VERSION
-from .errors import unavailable
-from .metrics import ServiceMetrics
-from .server import GrpcServer
-from .settings import ServiceSettings
+from telepathy.serving.batcher import DynamicBatcher
+from telepathy.serving.convert import VERSION
+from telepathy.serving.errors import unavailable
+from telepathy.serving.metrics import ServiceMetrics
+from telepathy.serving.server import GrpcServer
+from telepathy.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -127,7 +127,7 @@ class BaseService:
             return None
         import os
 
-        from bridge.fastpath import FastPathConfig
+        from telepathy.bridge.runtime.fastpath import FastPathConfig
 
         return FastPathConfig.from_env(os.environ)
 

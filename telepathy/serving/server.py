@@ -14,10 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .auth import TokenAuthInterceptor, server_credentials
-from .channels import server_options
-from .metrics import ServiceMetrics
-from .settings import ServiceSettings
+from telepathy.serving.auth import TokenAuthInterceptor, server_credentials
+from telepathy.serving.channels import server_options
+from telepathy.serving.metrics import ServiceMetrics
+from telepathy.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.telepathy.v1 import receiver_pb2 as protos_dot_telepathy_dot_v1_dot_receiver__pb2
+from . import receiver_pb2 as telepathy_dot_v1_dot_receiver__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/telepathy/v1/receiver_pb2_grpc.py depends on'
+        + ' but the generated code in telepathy/v1/receiver_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class ReceiverStub:
         """
         self.Classify = channel.unary_unary(
                 '/telepathy.v1.Receiver/Classify',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyStream = channel.stream_stream(
                 '/telepathy.v1.Receiver/ClassifyStream',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.FromString,
                 _registered_method=True)
         self.ClassifyText = channel.unary_unary(
                 '/telepathy.v1.Receiver/ClassifyText',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.FromString,
                 _registered_method=True)
         self.ListBridges = channel.unary_unary(
                 '/telepathy.v1.Receiver/ListBridges',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/telepathy.v1.Receiver/Info',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -103,28 +103,28 @@ def add_ReceiverServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyStream,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.SerializeToString,
             ),
             'ClassifyText': grpc.unary_unary_rpc_method_handler(
                     servicer.ClassifyText,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.SerializeToString,
             ),
             'ListBridges': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBridges,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -152,8 +152,8 @@ class Receiver:
             request,
             target,
             '/telepathy.v1.Receiver/Classify',
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.FromString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyRequest.SerializeToString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -179,8 +179,8 @@ class Receiver:
             request_iterator,
             target,
             '/telepathy.v1.Receiver/ClassifyStream',
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.FromString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamRequest.SerializeToString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -206,8 +206,8 @@ class Receiver:
             request,
             target,
             '/telepathy.v1.Receiver/ClassifyText',
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.FromString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyTextRequest.SerializeToString,
+            telepathy_dot_v1_dot_receiver__pb2.ClassifyTextResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -233,8 +233,8 @@ class Receiver:
             request,
             target,
             '/telepathy.v1.Receiver/ListBridges',
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.FromString,
+            telepathy_dot_v1_dot_receiver__pb2.ListBridgesRequest.SerializeToString,
+            telepathy_dot_v1_dot_receiver__pb2.ListBridgesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -260,8 +260,8 @@ class Receiver:
             request,
             target,
             '/telepathy.v1.Receiver/Info',
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.FromString,
+            telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoRequest.SerializeToString,
+            telepathy_dot_v1_dot_receiver__pb2.ReceiverInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

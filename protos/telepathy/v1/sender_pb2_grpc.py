@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.telepathy.v1 import sender_pb2 as protos_dot_telepathy_dot_v1_dot_sender__pb2
+from . import sender_pb2 as telepathy_dot_v1_dot_sender__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/telepathy/v1/sender_pb2_grpc.py depends on'
+        + ' but the generated code in telepathy/v1/sender_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class SenderStub:
         """
         self.Relay = channel.unary_unary(
                 '/telepathy.v1.Sender/Relay',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_sender__pb2.RelayRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_sender__pb2.RelayResponse.FromString,
                 _registered_method=True)
         self.Encode = channel.unary_unary(
                 '/telepathy.v1.Sender/Encode',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_sender__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_sender__pb2.EncodeResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_unary(
                 '/telepathy.v1.Sender/Generate',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_sender__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_sender__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/telepathy.v1.Sender/Info',
-                request_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.FromString,
+                request_serializer=telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.SerializeToString,
+                response_deserializer=telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -91,23 +91,23 @@ def add_SenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Relay': grpc.unary_unary_rpc_method_handler(
                     servicer.Relay,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_sender__pb2.RelayRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_sender__pb2.RelayResponse.SerializeToString,
             ),
             'Encode': grpc.unary_unary_rpc_method_handler(
                     servicer.Encode,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_sender__pb2.EncodeRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_sender__pb2.EncodeResponse.SerializeToString,
             ),
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_sender__pb2.GenerateRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_sender__pb2.GenerateResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.FromString,
-                    response_serializer=protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.SerializeToString,
+                    request_deserializer=telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.FromString,
+                    response_serializer=telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,8 +135,8 @@ class Sender:
             request,
             target,
             '/telepathy.v1.Sender/Relay',
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.RelayResponse.FromString,
+            telepathy_dot_v1_dot_sender__pb2.RelayRequest.SerializeToString,
+            telepathy_dot_v1_dot_sender__pb2.RelayResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -162,8 +162,8 @@ class Sender:
             request,
             target,
             '/telepathy.v1.Sender/Encode',
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.EncodeResponse.FromString,
+            telepathy_dot_v1_dot_sender__pb2.EncodeRequest.SerializeToString,
+            telepathy_dot_v1_dot_sender__pb2.EncodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -189,8 +189,8 @@ class Sender:
             request,
             target,
             '/telepathy.v1.Sender/Generate',
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.GenerateResponse.FromString,
+            telepathy_dot_v1_dot_sender__pb2.GenerateRequest.SerializeToString,
+            telepathy_dot_v1_dot_sender__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class Sender:
             request,
             target,
             '/telepathy.v1.Sender/Info',
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.SerializeToString,
-            protos_dot_telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.FromString,
+            telepathy_dot_v1_dot_sender__pb2.SenderInfoRequest.SerializeToString,
+            telepathy_dot_v1_dot_sender__pb2.SenderInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

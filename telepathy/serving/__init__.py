@@ -1,0 +1,1 @@
+"""gRPC plumbing every service shares: server, channels, auth, errors, metrics, batcher, lifecycle, pb conversion."""

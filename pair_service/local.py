@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from telepathy.protos.v1 import common_pb2, receiver_pb2
-from telepathy.receiver_service.app import ReceiverService
+from telepathy.receiver_service.servicer import ReceiverServicer
 from telepathy.serving.errors import ServiceError, status_of
 from telepathy.serving.metrics import ServiceMetrics
 
@@ -14,7 +14,7 @@ class LocalReceiver:
     address = "in-process"
     connected = True
 
-    def __init__(self, receiver: ReceiverService, metrics: ServiceMetrics):
+    def __init__(self, receiver: ReceiverServicer, metrics: ServiceMetrics):
         self.receiver, self._metrics = receiver, metrics
 
     async def start(self) -> None:
@@ -27,7 +27,7 @@ class LocalReceiver:
     async def call(self, request: receiver_pb2.ClassifyStreamRequest, deadline: float | None) -> common_pb2.ClassifyResult:
         """The stream item's answer from the receiver's own checks and batchers; errors read as over the stream."""
         try:
-            return await self.receiver.servicer.classify_item(request, deadline, time.monotonic())
+            return await self.receiver.classify_item(request, deadline, time.monotonic())
         except Exception as exc:  # noqa: BLE001 - mapped to the status the stream would have carried
             err = status_of(exc)
             raise ServiceError(err.code, f"receiver: {err.message}", err.field) from None

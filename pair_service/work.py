@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from telepathy.bridge.codec import decode_batch
-from telepathy.receiver_service.work import ReceiverWork
+from telepathy.bridge.runtime.factory import ReceiverRuntime, SenderRuntime
 from telepathy.serving.batcher import Deferred
-from telepathy.sender_service.work import SenderWork
 
 
-def shared_tasks(sender: SenderWork, receiver: ReceiverWork) -> set[str]:
+def shared_tasks(sender: SenderRuntime, receiver: ReceiverRuntime) -> set[str]:
     """The tasks whose sender and receiver bridges share a fingerprint (and so a bridge id).
 
     Only those run fused; any other task goes the two-service way, whose checks then answer NOT_FOUND or
@@ -21,12 +20,12 @@ def shared_tasks(sender: SenderWork, receiver: ReceiverWork) -> set[str]:
 
 
 class PairWork:
-    def __init__(self, sender: SenderWork, receiver: ReceiverWork):
+    def __init__(self, sender: SenderRuntime, receiver: ReceiverRuntime):
         self.sender, self.receiver = sender, receiver
         self.fused_tasks = shared_tasks(sender, receiver)
         # Both sides on the static-shape fast path: the quantized soft tokens stay on the device.
         self.pipeline = None
-        if sender.encoder is not sender.engine and receiver.classifier is not receiver.engine:
+        if sender.fast and receiver.fast:
             from telepathy.bridge.runtime.fastpath import FastPipeline
 
             self.pipeline = FastPipeline(sender.encoder, receiver.classifier)

@@ -7,15 +7,15 @@
 
 from __future__ import annotations
 
-from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
 from telepathy.bridge.lm import LanguageModel
-from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc
-from telepathy.serving.lifecycle import BaseService
+from telepathy.bridge.runtime.engine import BridgeSet
+from telepathy.bridge.runtime.factory import ReceiverRuntime, build_receiver_runtime
 from telepathy.config import SettingsError
+from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc
+from telepathy.serving.lifecycle import BaseService, EngineSlot, load_side
 
 from .servicer import ReceiverServicer
 from .settings import ReceiverSettings
-from .work import ReceiverWork
 
 _ENVELOPE_BYTES = 4096  # protobuf framing, ids, task names and fingerprints around the tensor
 
@@ -23,36 +23,35 @@ _ENVELOPE_BYTES = 4096  # protobuf framing, ids, task names and fingerprints aro
 class ReceiverService(BaseService):
     name = "receiver"
     service_name = receiver_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
-    bridge_half = "receiver"
 
-    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None, host=None):
-        super().__init__(settings, lm, host)
-        self.engine: ReceiverEngine | None = None
-        self.work: ReceiverWork | None = None
-        self.soft_tokens = self.batcher("receiver_soft_tokens", lambda key, items: self.work.classify_latents(key, items))
-        self.texts = self.batcher("receiver_text", lambda key, items: self.work.classify_text(key, items))
-        self.servicer = ReceiverServicer(self)
+    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None):
+        super().__init__(settings)
+        self._preloaded = lm
+        self.runtime: ReceiverRuntime | None = None
+        self.engine_slot = EngineSlot(self.name)
+        self.soft_tokens = self.batcher("receiver_soft_tokens")
+        self.texts = self.batcher("receiver_text")
+        self.servicer = ReceiverServicer(settings, self.state, self.metrics, self.engine_slot,
+                                         soft_tokens=self.soft_tokens, texts=self.texts)
         self.grpc.add_servicer(receiver_pb2_grpc.add_ReceiverServicer_to_server, self.servicer)
 
-    def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
-        _check_message_size(self.settings, bridges)
-        self.engine = ReceiverEngine(lm, bridges)
-        config = self.fast_path_config(lm)
-        if config is not None:
-            from telepathy.bridge.runtime.fastpath import ReceiverFastPath
-
-            self.work = ReceiverWork(self.engine, ReceiverFastPath(self.engine, config))
-        else:
-            self.work = ReceiverWork(self.engine)
+    def load(self) -> str:
+        lm, bridges = load_side(self.settings, "receiver", self._preloaded)
+        check_message_size(self.settings, bridges)
+        self.runtime = build_receiver_runtime(lm, bridges, self.settings.fast_path)
+        self.soft_tokens.bind(self.runtime.classify_latents)
+        self.texts.bind(self.runtime.classify_text)
+        self.engine_slot.fill(self.runtime.engine)
+        return lm.spec
 
     def warmup(self) -> None:
-        self.work.warmup(self.settings.max_batch_size)
+        self.runtime.warmup(self.settings.max_batch_size)
 
-    async def _begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         self.servicer.drain()
 
 
-def _check_message_size(settings: ReceiverSettings, bridges: BridgeSet) -> None:
+def check_message_size(settings: ReceiverSettings, bridges: BridgeSet) -> None:
     """Refuse to start if a loaded bridge's fp32 soft tokens could not fit in one message."""
     for meta in bridges.metas():
         need = meta.config.num_latents * meta.config.d_wire * 4 + _ENVELOPE_BYTES

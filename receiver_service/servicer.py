@@ -12,22 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
-
 import grpc
 
 from telepathy.contract import WIRE_DTYPES
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
-from telepathy.serving.batcher import BatchTiming
+from telepathy.serving.batcher import BatchTiming, DynamicBatcher
 from telepathy.serving.checks import check_text, require_task
 from telepathy.serving.convert import VERSION, bridge_info, classify_result, limits, micros, model_info
 from telepathy.serving.errors import grpc_method, invalid, status_of, unavailable
-from telepathy.serving.lifecycle import deadline_from
+from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
+from telepathy.serving.metrics import ServiceMetrics
 
+from .settings import ReceiverSettings
 from .validate import check_soft_tokens
-
-if TYPE_CHECKING:
-    from .app import ReceiverService
 
 log = logging.getLogger(__name__)
 _EOF, _DRAIN = object(), object()
@@ -42,16 +39,19 @@ class _Stream:
 
 
 class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
-    def __init__(self, service: "ReceiverService"):
-        self.service = service
-        self.settings = service.settings
-        self.metrics = service.metrics
-        self.state = service.state
+    """Handed the batchers it submits to (soft_tokens: decoded soft tokens → probabilities, texts: relay texts →
+    probabilities) and the slot its engine (bridges, model info) appears in once loaded."""
+
+    def __init__(self, settings: ReceiverSettings, state: ServiceState, metrics: ServiceMetrics, engine: EngineSlot,
+                 *, soft_tokens: DynamicBatcher, texts: DynamicBatcher):
+        self.settings, self.state, self.metrics = settings, state, metrics
+        self._engine = engine
+        self.soft_tokens, self.texts = soft_tokens, texts
         self._streams: set[_Stream] = set()
 
     @property
     def engine(self):
-        return self.service.engine  # set once the model has loaded
+        return self._engine.engine
 
     # ---- shared paths ---------------------------------------------------------------------------------------
     def _result(self, request_id: str, task: str, labels, probs, timing: BatchTiming, received: float,
@@ -64,7 +64,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
     async def _classify(self, st: common_pb2.SoftTokens, deadline: float | None, received: float, prefix: str):
         item = check_soft_tokens(st, self.engine.bridges, prefix)
         meta = item.bridge.meta
-        probs, timing = await self.service.soft_tokens.submit(item.latents, key=meta.bridge_id, deadline=deadline)
+        probs, timing = await self.soft_tokens.submit(item.latents, key=meta.bridge_id, deadline=deadline)
         return self._result(st.request_id, meta.task, meta.labels, probs, timing, received, meta.bridge_id)
 
     async def _classify_text(self, req: receiver_pb2.ClassifyTextRequest, deadline: float | None, received: float,
@@ -72,7 +72,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         spec = require_task(req.task, f"{prefix}task")
         # An empty relay text is a legitimate (if useless) relay: the sender's LLM may produce one.
         check_text(req.text, self.settings.max_text_chars, f"{prefix}text", allow_empty=True)
-        probs, timing = await self.service.texts.submit(req.text, key=spec.name, deadline=deadline)
+        probs, timing = await self.texts.submit(req.text, key=spec.name, deadline=deadline)
         return self._result(req.request_id, spec.name, spec.labels, probs, timing, received)
 
     async def classify_item(self, req: receiver_pb2.ClassifyStreamRequest, deadline: float | None,

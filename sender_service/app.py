@@ -7,15 +7,14 @@
 
 from __future__ import annotations
 
-from telepathy.bridge.runtime.engine import BridgeSet, SenderEngine
 from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.runtime.factory import SenderRuntime, build_sender_runtime
 from telepathy.protos.v1 import sender_pb2, sender_pb2_grpc
-from telepathy.serving.lifecycle import BaseService
+from telepathy.serving.lifecycle import BaseService, EngineSlot, load_side
 
 from .link import ReceiverPool
 from .servicer import SenderServicer
 from .settings import SenderSettings
-from .work import SenderWork
 
 
 class SenderService(BaseService):
@@ -23,42 +22,33 @@ class SenderService(BaseService):
     service_name = sender_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 
     def __init__(self, settings: SenderSettings, lm: LanguageModel | None = None):
-        super().__init__(settings, lm)
-        self.engine: SenderEngine | None = None
-        self.work: SenderWork | None = None
-        self.encoder = self.batcher("sender_encode", lambda key, items: self.work.encode(key, items))
-        self.generator = self.batcher("sender_generate", lambda key, items: self.work.generate(key, items))
-        self.link = self._make_link()
-        self.servicer = SenderServicer(self)
+        super().__init__(settings)
+        self._preloaded = lm
+        self.runtime: SenderRuntime | None = None
+        self.engine_slot = EngineSlot(self.name)
+        self.encoder = self.batcher("sender_encode")
+        self.generator = self.batcher("sender_generate")
+        self.link = ReceiverPool(settings.receiver_addr, settings.receiver_client(), self.metrics,
+                                 streams=settings.receiver_streams, wait_s=settings.receiver_wait_s)
+        self.servicer = SenderServicer(settings, self.state, self.metrics, self.engine_slot,
+                                       encoder=self.encoder, generator=self.generator, link=self.link)
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
 
-    def _make_link(self):
-        """The way to the receiver: a ReceiverPool of streams (pair_service: the receiver in this process)."""
-        s = self.settings
-        return ReceiverPool(s.receiver_addr, s.receiver_client(), self.metrics, streams=s.receiver_streams,
-                            wait_s=s.receiver_wait_s)
-
-    def fused_bridge(self, task: str) -> bool:
-        """Whether a bridge-path Relay for `task` runs sender and receiver in one model call (pair_service)."""
-        return False
-
-    def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
-        self.engine = SenderEngine(lm, bridges)
-        config = self.fast_path_config(lm)
-        if config is not None:
-            from telepathy.bridge.runtime.fastpath import SenderFastPath
-
-            self.work = SenderWork(self.engine, SenderFastPath(self.engine, config))
-        else:
-            self.work = SenderWork(self.engine)
+    def load(self) -> str:
+        lm, bridges = load_side(self.settings, "sender", self._preloaded)
+        self.runtime = build_sender_runtime(lm, bridges, self.settings.fast_path)
+        self.encoder.bind(self.runtime.encode)
+        self.generator.bind(self.runtime.generate)
+        self.engine_slot.fill(self.runtime.engine)
+        return lm.spec
 
     def warmup(self) -> None:
-        self.work.warmup(self.settings.max_batch_size, self.settings.wire_dtype)
+        self.runtime.warmup(self.settings.max_batch_size, self.settings.wire_dtype)
 
-    async def _after_load(self) -> None:
+    async def after_load(self) -> None:
         await self.link.start()
 
-    async def _after_grpc_stop(self) -> None:
+    async def after_stop(self) -> None:
         await self.link.close()
 
 

@@ -9,36 +9,38 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import TYPE_CHECKING
-
 import grpc
 
-from telepathy.bridge.codec import wire_nbytes
 from telepathy.bridge.runtime.engine import BridgeNotFoundError
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
 from telepathy.serving.checks import check_text, require_task
 from telepathy.serving.convert import (
-    VERSION, bridge_info, classify_result, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb,
+    VERSION, bridge_info, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb,
 )
+from telepathy.serving.batcher import BatchTiming, DynamicBatcher
 from telepathy.serving.errors import ServiceError, grpc_method, invalid
-from telepathy.serving.lifecycle import deadline_from
+from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
+from telepathy.serving.metrics import ServiceMetrics
 
-if TYPE_CHECKING:
-    from .app import SenderService
+from .link import ReceiverPool
+from .settings import SenderSettings
 
 _PATH_NAMES = {sender_pb2.PATH_BRIDGE: "bridge", sender_pb2.PATH_TEXT: "text"}
 
 
 class SenderServicer(sender_pb2_grpc.SenderServicer):
-    def __init__(self, service: "SenderService"):
-        self.service = service
-        self.settings = service.settings
-        self.metrics = service.metrics
-        self.state = service.state
+    """Handed the batchers it submits to (encoder: texts → wire tensors, generator: texts → relay texts), the link
+    to the receiver, and the slot its engine (bridges, model info) appears in once loaded."""
+
+    def __init__(self, settings: SenderSettings, state: ServiceState, metrics: ServiceMetrics, engine: EngineSlot, *,
+                 encoder: DynamicBatcher, generator: DynamicBatcher, link: ReceiverPool):
+        self.settings, self.state, self.metrics = settings, state, metrics
+        self._engine = engine
+        self.encoder, self.generator, self.link = encoder, generator, link
 
     @property
     def engine(self):
-        return self.service.engine  # set once the model has loaded
+        return self._engine.engine
 
     def _deadline(self, context) -> float:
         """The caller's deadline, capped by request_timeout_s: every hop below gets one."""
@@ -58,7 +60,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
 
     async def _encode(self, text: str, task: str, wire_dtype: int, deadline: float):
         meta, dtype = self._check_bridge_request(text, task, wire_dtype)
-        wire, timing = await self.service.encoder.submit(text, key=(task, meta.bridge_id, dtype), deadline=deadline)
+        wire, timing = await self.encoder.submit(text, key=(task, meta.bridge_id, dtype), deadline=deadline)
         return wire, meta, timing
 
     async def _generate(self, text: str, task: str, max_tokens: int, deadline: float, field: str):
@@ -67,7 +69,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         limit = self.settings.max_relay_tokens
         if not 0 <= max_tokens <= limit:
             raise invalid(field, f"must be between 0 and {limit} (0 = {limit}), got {max_tokens}")
-        return await self.service.generator.submit(text, key=(task, max_tokens or limit), deadline=deadline)
+        return await self.generator.submit(text, key=(task, max_tokens or limit), deadline=deadline)
 
     @grpc_method("Relay")
     async def Relay(self, request: sender_pb2.RelayRequest, context):
@@ -77,22 +79,31 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         path = request.path or sender_pb2.PATH_BRIDGE
         if path not in _PATH_NAMES:
             raise invalid("path", f"unknown path enum value {path}; expected PATH_BRIDGE or PATH_TEXT")
-        if path == sender_pb2.PATH_BRIDGE and self.service.fused_bridge(request.task):
-            return await self._relay_fused(request, deadline, received)
         if path == sender_pb2.PATH_BRIDGE:
-            wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, deadline)
-            # No bridge_id: the receiver takes its bridge for the task and checks the fingerprint, so a mismatch
-            # comes back as FAILED_PRECONDITION naming both fingerprints rather than as "no such bridge id".
-            item = receiver_pb2.ClassifyStreamRequest(soft_tokens=common_pb2.SoftTokens(
-                task=meta.task, bridge_fingerprint=meta.fingerprint, tokens=tensor_to_pb(wire)))
-            wire_bytes, relay_text = wire.nbytes, ""
-        else:
-            (relay_text, _), timing = await self._generate(
-                request.text, request.task, request.max_relay_tokens, deadline, "max_relay_tokens")
-            item = receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(task=request.task, text=relay_text))
-            wire_bytes = len(relay_text.encode("utf-8"))
+            return await self.relay_bridge(request, deadline, received)
+        return await self.relay_text(request, deadline, received)
+
+    async def relay_bridge(self, request: sender_pb2.RelayRequest, deadline: float, received: float):
+        """Bridge path: encode here, classify on the receiver over the link."""
+        wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, deadline)
+        # No bridge_id: the receiver takes its bridge for the task and checks the fingerprint, so a mismatch
+        # comes back as FAILED_PRECONDITION naming both fingerprints rather than as "no such bridge id".
+        item = receiver_pb2.ClassifyStreamRequest(soft_tokens=common_pb2.SoftTokens(
+            task=meta.task, bridge_fingerprint=meta.fingerprint, tokens=tensor_to_pb(wire)))
+        return await self._relay(request, item, timing, received, deadline, sender_pb2.PATH_BRIDGE, wire.nbytes, "")
+
+    async def relay_text(self, request: sender_pb2.RelayRequest, deadline: float, received: float):
+        """Text path: generate a relay text here, the receiver reads it."""
+        (relay_text, _), timing = await self._generate(
+            request.text, request.task, request.max_relay_tokens, deadline, "max_relay_tokens")
+        item = receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(task=request.task, text=relay_text))
+        return await self._relay(request, item, timing, received, deadline, sender_pb2.PATH_TEXT,
+                                 len(relay_text.encode("utf-8")), relay_text)
+
+    async def _relay(self, request: sender_pb2.RelayRequest, item: receiver_pb2.ClassifyStreamRequest,
+                     timing: BatchTiming, received: float, deadline: float, path: int, wire_bytes: int, relay_text: str):
         sent = time.monotonic()
-        answer = await self.service.link.call(item, deadline)
+        answer = await self.link.call(item, deadline)
         round_trip = micros(time.monotonic() - sent)
 
         result = common_pb2.ClassifyResult()
@@ -107,21 +118,6 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         self.metrics.observe_stages({k: timings[k] for k in ("sender_queue", "sender_model", "wire", "total")})
         self.metrics.wire_bytes.labels(_PATH_NAMES[path]).observe(wire_bytes)
         return sender_pb2.RelayResponse(result=result, path=path, wire_bytes=wire_bytes, relay_text=relay_text)
-
-    async def _relay_fused(self, request: sender_pb2.RelayRequest, deadline: float, received: float):
-        """Sender and receiver in this process (pair_service): one model call from text to label probabilities,
-        the soft tokens handed over on the device. Same answer as the two-service path (tests/test_services_pair.py)."""
-        meta, dtype = self._check_bridge_request(request.text, request.task, request.wire_dtype)
-        probs, timing = await self.service.fused.submit(request.text, key=(meta.task, meta.bridge_id, dtype), deadline=deadline)
-        # sender_model is the whole fused call (sender, bridge, receiver); nothing crosses a wire or a second queue.
-        timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s), "wire": 0,
-                   "receiver_queue": 0, "receiver_model": 0}
-        timings["total"] = micros(time.monotonic() - received)
-        self.metrics.observe_stages({k: timings[k] for k in ("sender_queue", "sender_model", "total")})
-        result = classify_result(request.request_id or uuid.uuid4().hex, meta.task, meta.labels, probs, timings, meta.bridge_id)
-        wire_bytes = wire_nbytes(dtype, meta.config.num_latents, meta.config.d_wire)
-        self.metrics.wire_bytes.labels("bridge").observe(wire_bytes)
-        return sender_pb2.RelayResponse(result=result, path=sender_pb2.PATH_BRIDGE, wire_bytes=wire_bytes)
 
     @grpc_method("Encode")
     async def Encode(self, request: sender_pb2.EncodeRequest, context):
@@ -149,6 +145,6 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         self.state.check(need_ready=False)
         return sender_pb2.SenderInfoResponse(
             version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in self.engine.bridges.metas()],
-            limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.service.link.address,
-            receiver_connected=self.service.link.connected,
+            limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.link.address,
+            receiver_connected=self.link.connected,
         )

@@ -23,8 +23,8 @@ def fast_pair(tiny_bridges_dir):
 @pytest.mark.parametrize("task", ["sst2", "ag_news", "trec"])
 def test_fast_path_services_match_eager_engines(fast_pair, reference, task):
     sender, receiver = fast_pair
-    assert type(sender.service.work.encoder).__name__ == "SenderFastPath"
-    assert type(receiver.service.work.classifier).__name__ == "ReceiverFastPath"
+    assert type(sender.service.runtime.encoder).__name__ == "SenderFastPath"
+    assert type(receiver.service.runtime.classifier).__name__ == "ReceiverFastPath"
     stub = sender_stub(sender.address)
     for text in ("a fine film", "the team won the final after a long season of many games"):
         got = stub.Relay(relay(task=task, text=text), timeout=TIMEOUT)

@@ -70,7 +70,7 @@ class DynamicBatcher(Generic[I, R]):
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[Hashable, list[I]], list[R]],
+        run_batch: Callable[[Hashable, list[I]], list[R]] | None = None,
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -98,8 +98,15 @@ class DynamicBatcher(Generic[I, R]):
         self._flushing = False  # draining: no batch-mates will come, so stop waiting for them
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
+    def bind(self, run_batch: Callable[[Hashable, list[I]], list[R]]) -> None:
+        """Set the batch function: a service builds its batchers (and hands them to its servicer) before the
+        model that runs them has loaded."""
+        self._run_batch = run_batch
+
     def start(self) -> None:
         """Start the worker on the running loop."""
+        if self._run_batch is None:
+            raise RuntimeError(f"{self.name}: no batch function bound (bind() it before start())")
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(self._max_in_flight)
         self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")

@@ -65,28 +65,50 @@ class ServiceState:
             raise unavailable(f"{self.name} is warming up; retry shortly")
 
 
-class BaseService:
-    """Subclasses set `name` and `service_name`, add their servicer and batchers in __init__, and implement
-    attach() (build engines once the model is loaded) and warmup(); both run on the model thread.
+class EngineSlot:
+    """Where a servicer finds its side's engine (bridges, model info). Servicers are built, and the port bound,
+    before the model loads; the service fills the slot on the model thread once loading is done, and
+    ServiceState.check() refuses calls until then."""
 
-    The port is bound before the model loads, so health answers NOT_SERVING during loading and warm-up.
-    A service built with `host=` is a part of that one (pair_service: the receiver inside the sender's process):
-    it adds its servicer and batchers to the host's server, model thread, metrics and state, and the host runs
-    the life cycle.
+    def __init__(self, name: str):
+        self.name = name
+        self._engine = None
+
+    def fill(self, engine) -> None:
+        self._engine = engine
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise unavailable(f"{self.name} is loading its model; retry shortly")
+        return self._engine
+
+
+def load_side(settings: ServiceSettings, half: str, lm: LanguageModel | None = None) -> tuple[LanguageModel, BridgeSet]:
+    """The model of `settings` (or `lm`, already loaded) and the `half` ("sender" or "receiver") of every bridge
+    under settings.bridges that fits it. Runs on the model thread."""
+    lm = lm or load_lm(settings)
+    bridges = load_bridge_set(settings.bridges, lm, half, lm.device)
+    log.info("%s bridges from %s: %s", half, settings.bridges,
+             sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
+    return lm, bridges
+
+
+class BaseService:
+    """One gRPC server, its model thread, metrics, state and batchers, and the life cycle around them.
+
+    A role subclasses it: sets `name` and `service_name`, builds its batchers (`self.batcher(name)`) and servicers
+    in __init__ (handing each servicer what it calls), and implements load() — load the model(s), build the
+    runtime, bind the batchers' batch functions, fill the servicers' EngineSlots; returns the model spec for the
+    metrics — and warmup(). Both run on the model thread. The async hooks after_load / begin_drain / after_stop
+    run on the event loop at those points of start() and stop().
     """
 
     name = "service"
     service_name = ""
-    bridge_half = "sender"  # which half of each bridge checkpoint attach() gets: "sender" or "receiver"
 
-    def __init__(self, settings: ServiceSettings, lm: LanguageModel | None = None, host: "BaseService | None" = None):
+    def __init__(self, settings: ServiceSettings):
         self.settings = settings
-        self._preloaded = lm
-        self.lm: LanguageModel | None = None
-        if host is not None:
-            self.metrics, self.grpc, self.state = host.metrics, host.grpc, host.state
-            self.executor, self.waiter, self.batchers = host.executor, host.waiter, host.batchers
-            return
         self.metrics = ServiceMetrics(self.name, VERSION)
         self.grpc = GrpcServer(settings, self.service_names(), self.metrics)
         self.state = ServiceState(self.name)
@@ -100,9 +122,11 @@ class BaseService:
         """The gRPC services this server answers for (health and reflection list them)."""
         return [self.service_name]
 
-    def batcher(self, name: str, run_batch) -> DynamicBatcher:
-        s = self.settings
-        b = DynamicBatcher(name, run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_s,
+    def batcher(self, name: str, settings: ServiceSettings | None = None) -> DynamicBatcher:
+        """A batcher on this service's model thread, sized by `settings` (default: the service's); load() binds
+        its batch function."""
+        s = settings or self.settings
+        b = DynamicBatcher(name, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_s,
                            max_queue_size=s.max_queue_size, executor=self.executor, metrics=self.metrics,
                            waiter=self.waiter, max_in_flight=s.max_batches_in_flight)
         self.batchers.append(b)
@@ -117,39 +141,22 @@ class BaseService:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "") else "[::1]" if self.settings.host == "::" else self.settings.host
         return f"{host}:{self.port}"
 
-    def attach(self, lm: LanguageModel, bridges: BridgeSet) -> None:
+    def load(self) -> str:
+        """Load models and bridges, build the runtime, bind the batchers; → the model spec. Model thread."""
         raise NotImplementedError
-
-    def fast_path_config(self, lm: LanguageModel):
-        """FastPathConfig when the static-shape fast path should serve this model, else None."""
-        mode = self.settings.fast_path
-        if mode == "off" or (mode == "auto" and lm.device.type != "cuda"):
-            return None
-        import os
-
-        from telepathy.bridge.runtime.fastpath import FastPathConfig
-
-        return FastPathConfig.from_env(os.environ)
 
     def warmup(self) -> None:
+        """Run max-size batches through everything loaded, so the first request pays no lazy set-up. Model thread."""
         raise NotImplementedError
 
-    def _load(self) -> None:
-        lm = self._preloaded or load_lm(self.settings)
-        bridges = load_bridge_set(self.settings.bridges, lm, self.bridge_half, lm.device)
-        log.info("%s bridges from %s: %s", self.name, self.settings.bridges,
-                 sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
-        self.lm = lm
-        self.attach(lm, bridges)
-
-    async def _after_load(self) -> None:
+    async def after_load(self) -> None:
         """Hook: the sender connects to its receiver here."""
 
-    async def _after_grpc_stop(self) -> None:
-        """Hook: the sender closes its receiver stream here."""
-
-    async def _begin_drain(self) -> None:
+    async def begin_drain(self) -> None:
         """Hook: the receiver ends its open streams here, once their in-flight items are answered."""
+
+    async def after_stop(self) -> None:
+        """Hook: the sender closes its receiver stream here."""
 
     async def start(self) -> int:
         """Bind (health NOT_SERVING), load, warm up, then SERVING. On failure the port is released."""
@@ -158,12 +165,11 @@ class BaseService:
             if self.settings.metrics_port:
                 self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.executor, self._load)
-            self.metrics.set_model(self.lm.spec)
+            self.metrics.set_model(await loop.run_in_executor(self.executor, self.load))
             self.state.loaded = True
             for b in self.batchers:
                 b.start()
-            await self._after_load()
+            await self.after_load()
             if self.settings.warmup:
                 started = time.monotonic()
                 await loop.run_in_executor(self.executor, self.warmup)
@@ -187,9 +193,9 @@ class BaseService:
         for b in self.batchers:
             b.flush()
         await self.grpc.enter_drain()
-        await self._begin_drain()
+        await self.begin_drain()
         await self.grpc.server.stop(grace)
-        await self._after_grpc_stop()
+        await self.after_stop()
         for b in self.batchers:
             await b.close()
         self.executor.shutdown(wait=True)

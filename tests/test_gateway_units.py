@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from telepathy.cli import build_parser
-from telepathy.gateway import serving
+from telepathy.gateway import errors, serving
 from telepathy.gateway.settings import ENV_VARS, GatewaySettings, add_arguments
 
 
@@ -90,11 +90,11 @@ def test_grpc_status_map(code, status):
             return "text: too long http://10.0.0.1:50051"
 
         def trailing_metadata(self):
-            return ((serving.FIELD_TRAILER, "text"),)
+            return ((errors.FIELD_TRAILER, "text"),)
 
-    err = serving.error_from_grpc(FakeRpcError(), "sender")
+    err = errors.error_from_grpc(FakeRpcError(), "sender")
     assert err.status == status
-    assert err.type == serving.ERROR_TYPES[status]
+    assert err.type == errors.ERROR_TYPES[status]
     if status >= 500:
         assert "10.0.0.1" not in err.message  # upstream details (internal addresses) stay in our log
     else:
@@ -104,11 +104,11 @@ def test_grpc_status_map(code, status):
 def test_field_trailer_matches_the_services():
     from telepathy.serving.errors import FIELD_TRAILER
 
-    assert serving.FIELD_TRAILER == FIELD_TRAILER
+    assert errors.FIELD_TRAILER == FIELD_TRAILER
 
 
 def test_error_body_is_the_envelope():
-    assert serving.error_body(404, "nope", "task") == {"error": {"type": "not_found_error", "message": "nope", "param": "task"}}
+    assert errors.error_body(404, "nope", "task") == {"error": {"type": "not_found_error", "message": "nope", "param": "task"}}
 
 
 # -- request ids, API keys --------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_check_api_key():
     serving.check_api_key(("k1",), None, "k1")
     for auth, xkey, message in [(None, None, "missing API key"), ("Bearer nope", None, "invalid API key"),
                                 (None, "nope", "invalid API key"), ("Basic k1", None, "missing API key")]:
-        with pytest.raises(serving.GatewayError, match=message) as info:
+        with pytest.raises(errors.GatewayError, match=message) as info:
             serving.check_api_key(("k1",), auth, xkey)
         assert info.value.status == 401 and info.value.headers["WWW-Authenticate"] == "Bearer"
 
@@ -138,7 +138,7 @@ def test_check_api_key():
 def test_concurrency_limiter_refuses_without_waiting():
     limiter = serving.ConcurrencyLimiter(1)
     with limiter.slot():
-        with pytest.raises(serving.GatewayError) as info:
+        with pytest.raises(errors.GatewayError) as info:
             with limiter.slot():
                 pass
         assert info.value.status == 429 and info.value.headers["Retry-After"] == "1"

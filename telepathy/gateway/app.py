@@ -1,4 +1,4 @@
-"""FastAPI app factory: `build_app(settings)` wires routes, the error envelope, the request-id middleware and the
+"""FastAPI app factory: `build_app(settings)` attaches the routes of each feature (routes/), the error envelope (errors.py), the request-id middleware and the
 gRPC channels (opened in the lifespan, kept on `app.state`). No module-level state: two apps in one process
 (as in the tests) share nothing.
 
@@ -10,38 +10,20 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from telepathy.contract import VERSION
-
-from telepathy.gateway import protocol
-from telepathy.gateway.serving import (
-    REQUEST_ID_HEADER,
-    GatewayError,
-    GatewayMetrics,
-    GatewayService,
-    ServiceClients,
-    check_api_key,
-    error_body,
-    request_id_from,
-    validation_error,
-)
+from telepathy.gateway.errors import error_body, install_error_handlers
+from telepathy.gateway.routes import attach_routes
+from telepathy.gateway.serving import REQUEST_ID_HEADER, GatewayMetrics, GatewayService, ServiceClients, request_id_from
 from telepathy.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-# Every error status a /v1 route can answer, documented once for OpenAPI.
-_ERRORS = {code: {"model": protocol.ErrorResponse} for code in (401, 404, 413, 422, 429, 502, 503, 504)}
-
 
 class RequestContextMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware: it would buffer and copy every response).
@@ -130,82 +112,6 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.service = GatewayService(settings, clients, metrics)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
-    # -- one error envelope ---------------------------------------------------------------------------------
-    @app.exception_handler(GatewayError)
-    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status, exc.message, exc.param), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = validation_error(list(exc.errors()))
-        return JSONResponse(error_body(err.status, err.message, err.param), status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    # -- auth: HTTPBearer/APIKeyHeader only parse (auto_error=False) and put an "Authorize" button on /docs; the
-    #    decision is check_api_key's, which reads the raw header so that a non-Bearer scheme counts as missing. ----
-    bearer = HTTPBearer(auto_error=False, description="API key as a bearer token")
-    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
-
-    async def require_api_key(request: Request,
-                              _bearer: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
-                              x_api_key: Optional[str] = Depends(api_key_header)) -> None:
-        check_api_key(settings.api_keys, request.headers.get("authorization"), x_api_key)
-
-    def service(request: Request) -> GatewayService:
-        return request.app.state.service
-
-    def request_id(request: Request) -> str:
-        return request.state.request_id
-
-    v1 = dict(dependencies=[Depends(require_api_key)], responses=_ERRORS)
-
-    # -- routes: thin --------------------------------------------------------------------------------------------
-    @app.post("/v1/classify", response_model=protocol.ClassifyResponse, tags=["v1"], **v1)
-    async def classify(body: protocol.ClassifyRequest, request: Request) -> protocol.ClassifyResponse:
-        """Classify `text` for `task` on one path."""
-        return await service(request).classify(body, request_id(request))
-
-    @app.post("/v1/compare", response_model=protocol.CompareResponse, tags=["v1"], **v1)
-    async def compare(body: protocol.CompareRequest, request: Request) -> protocol.CompareResponse:
-        """Run both paths on the same text, one after the other; report both results and the speed-up."""
-        return await service(request).compare(body, request_id(request))
-
-    @app.get("/v1/tasks", response_model=protocol.TasksResponse, tags=["v1"], **v1)
-    async def tasks(request: Request) -> protocol.TasksResponse:
-        """Tasks, their label names, and whether the sender has a bridge for each."""
-        return await service(request).tasks()
-
-    @app.get("/v1/info", response_model=protocol.InfoResponse, tags=["v1"], **v1)
-    async def info(request: Request) -> protocol.InfoResponse:
-        """The services behind the gateway: addresses, health, models and devices."""
-        return await service(request).info()
-
-    @app.get("/healthz", response_model=protocol.HealthResponse, tags=["ops"])
-    async def healthz() -> protocol.HealthResponse:
-        """Liveness: the gateway process answers. Says nothing about the services (see /readyz)."""
-        return protocol.HealthResponse()
-
-    @app.get("/readyz", response_model=protocol.ReadyResponse, tags=["ops"],
-             responses={503: {"model": protocol.ErrorResponse}})
-    async def readyz(request: Request):
-        """Readiness: 200 only when the sender and the receiver both report SERVING (grpc.health.v1) and the
-        sender's stream to the receiver is connected."""
-        ready, services = await service(request).readiness()
-        if ready:
-            return protocol.ReadyResponse(services=services)
-        detail = ", ".join(f"{k} {v}" for k, v in services.items())
-        body = error_body(503, f"not ready: {detail}")
-        body["services"] = services  # the envelope plus the per-service view, for humans reading the probe
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
-
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition of this gateway's own registry."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    install_error_handlers(app)
+    attach_routes(app, settings)
     return app

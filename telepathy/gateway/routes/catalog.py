@@ -1,0 +1,22 @@
+"""GET /v1/tasks and GET /v1/info: what the deployment can do and what runs behind it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from telepathy.gateway import protocol
+from telepathy.gateway.routes.common import V1_ERRORS, service
+
+router = APIRouter(tags=["v1"], responses=V1_ERRORS)
+
+
+@router.get("/v1/tasks", response_model=protocol.TasksResponse)
+async def tasks(request: Request) -> protocol.TasksResponse:
+    """Tasks, their label names, and whether the sender has a bridge for each."""
+    return await service(request).tasks()
+
+
+@router.get("/v1/info", response_model=protocol.InfoResponse)
+async def info(request: Request) -> protocol.InfoResponse:
+    """The services behind the gateway: addresses, health, models and devices."""
+    return await service(request).info()

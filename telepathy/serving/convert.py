@@ -49,7 +49,7 @@ def classify_result(request_id: str, task: str, labels: Sequence[str], probabili
     best = max(range(len(probabilities)), key=lambda i: probabilities[i])
     return common_pb2.ClassifyResult(
         request_id=request_id, task=task, label=labels[best], label_index=best,
-        scores=[common_pb2.LabelScore(label=l, probability=float(p)) for l, p in zip(labels, probabilities)],
+        scores=[common_pb2.LabelScore(label=label, probability=float(p)) for label, p in zip(labels, probabilities)],
         timings_us=timings_us, bridge_id=bridge_id,
     )
 

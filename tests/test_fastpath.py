@@ -1,4 +1,4 @@
-"""Fast path (bridge/fastpath.py) against the eager engines on the tiny random pair.
+"""Fast path (bridge/runtime/fastpath/) against the eager engines on the tiny random pair.
 
 On the CPU the fast path runs its static-shape code without CUDA graphs: the same functions the graphs
 capture on a GPU. Parity is checked for several lengths (buckets), batch sizes (batch buckets, batch splits)
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from telepathy.bridge.codec import decode_batch, encode_batch
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
 from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
 from telepathy.bridge.runtime.fastpath import (
     FastPathConfig,
@@ -20,7 +22,6 @@ from telepathy.bridge.runtime.fastpath import (
     ReceiverFastPath,
     RelayGenerator,
     SenderFastPath,
-    _MaybeCompiled,
     adapter_fn,
     attention_masks,
     eager_generate_ids,
@@ -29,8 +30,7 @@ from telepathy.bridge.runtime.fastpath import (
     release_caches,
     supports_fused,
 )
-from telepathy.bridge.lm import LanguageModel
-from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.runtime.fastpath.layers import _MaybeCompiled
 from telepathy.bridge.tasks import get_task
 
 TASK = "ag_news"

@@ -1,14 +1,12 @@
-"""HTTP gateway: FastAPI app in front of the sender service, `telepathy up` (local launcher of all three
-services), `telepathy bench` (latency benchmark client) and `telepathy healthcheck`.
+"""HTTP gateway: the FastAPI app in front of the sender service.
 
     protocol.py  pydantic request/response models (the HTTP contract)
-    serving.py   logic: checks, the sender client, gRPC → HTTP error map, concurrency limit, metrics
+    serving.py   logic: checks, the sender client, concurrency limit, request budget, metrics
+    errors.py    the one error envelope: GatewayError, the gRPC → HTTP status map, the exception handlers
+    routes/      one router per feature (classify, catalog, ops), attached by app.py
     app.py       build_app(settings): routes, error envelope, request-id middleware, lifespan-owned channels
-    settings.py  GatewaySettings (CLI flags → TELEPATHY_* env → defaults)
-    launcher.py  `telepathy up`
-    bench.py     `telepathy bench`
-    health.py    `telepathy healthcheck` probes
-    cli.py       registers gateway / up / bench / healthcheck
+    settings.py  GatewaySettings
+    cli.py       registers `telepathy gateway` (and the ops commands `up`, `bench`, `healthcheck`, in telepathy/ops/)
 
-torch-free: nothing here loads a model (the launcher starts the services as separate processes).
+torch-free: nothing here loads a model.
 """

@@ -179,20 +179,20 @@ def test_markdown_table_marks_the_best():
 
 
 def test_gpu_pipeline_script_end_to_end_on_the_tiny_pair(tmp_path):
-    """scripts/gpu_experiments.py (the GPU run) on the tiny pair: ablation → bridges → every method → archives."""
-    import importlib.util
+    """`python tools/gpu_experiments.py` (the GPU run) on the tiny pair: ablation → bridges → every method → archives."""
+    import subprocess
+    import sys
     import tarfile
 
-    script = Path(__file__).parent.parent / "tools" / "gpu_experiments.py"
-    spec = importlib.util.spec_from_file_location("gpu_experiments", script)
-    pipeline = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pipeline)
+    root = Path(__file__).resolve().parent.parent
     argv = ["--role", "all", "--work", str(tmp_path / "w"), "--pack", str(tmp_path / "out"), "--sender", TINY_SENDER,
             "--receiver", TINY_RECEIVER, "--d-model", "32", "--num-heads", "4", "--ablation-k", "4,8",
             "--ablation-d-wire", "full,8", "--reference-k", "8", "--steps", "4", "--eval-every", "2",
             "--train-limit", "60", "--validation-size", "24", "--limit", "6", "--seeds", "1", "--tasks", "trec,sst2",
             "--device", "cpu", "--no-progress", "--threads", "1"]
-    assert pipeline.main(argv) == 0
+    run = subprocess.run([sys.executable, "tools/gpu_experiments.py", *argv], cwd=root, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     results = tmp_path / "w" / "results"
     ablation = json.loads((results / "wire_ablation.json").read_text())
     assert len(ablation["rows"]) == 8 and ablation["chosen"]["bytes"] == min(

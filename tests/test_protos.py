@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from tools.generate_protos import stale_files
+import importlib.util
+from pathlib import Path
+
+_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "generate_protos.py"
+_spec = importlib.util.spec_from_file_location("generate_protos", _SCRIPT)
+generate_protos = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate_protos)
+stale_files = generate_protos.stale_files
 
 
 def test_generated_stubs_are_current():

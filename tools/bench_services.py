@@ -7,15 +7,15 @@ wire dtype sends
 `-n` relays one at a time (batch-1 latency, from the services' own timings_us) and `-n` more from
 `--concurrency` client threads (throughput, and what batching does to latency); then the text path.
 
-    python scripts/bench_services.py                                    # tiny random pair, untrained bridges
-    python scripts/bench_services.py --sender smollm2-135m-instruct --receiver gemma-3-270m --device cuda
-    python scripts/bench_services.py --bridges runs/bridges --out results/bench_services.json
+    python tools/bench_services.py                                      # tiny random pair, untrained bridges
+    python tools/bench_services.py --sender smollm2-135m-instruct --receiver gemma-3-270m --device cuda
+    python tools/bench_services.py --bridges runs/bridges --out results/bench_services.json
     # the services figure of docs/PERFORMANCE.md, after tools/gpu_latency.py in the same call (same bridge shape, 64-token inputs):
-    python scripts/bench_services.py --sender random:llama-3.1-8b --receiver random:mistral-7b-v0.3 --device cuda \
+    python tools/bench_services.py --sender random:llama-3.1-8b --receiver random:mistral-7b-v0.3 --device cuda \
         --sender-layer 28 --input-tokens 64 --dtypes int8 --gpu-latency-json results/gpu_latency.json
     # two GPUs of one host: --sender-device cuda:0 --receiver-device cuda:1
     # sender and receiver in one process (telepathy serve pair); with --processes as its own process:
-    python scripts/bench_services.py --pair --processes ...
+    python tools/bench_services.py --pair --processes ...
 
 Without --bridges, untrained bridges are made for the pair (the default bridge shape for real models, a tiny
 one for random:tiny-*): the numbers are about speed and bytes, not accuracy. Not a test.
@@ -43,16 +43,16 @@ from google.protobuf import __version__ as protobuf_version
 
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
-from telepathy.protos.v1 import common_pb2, sender_pb2, sender_pb2_grpc
-from telepathy.receiver_service.app import build_receiver
 from telepathy.pair_service.app import build_pair
 from telepathy.pair_service.settings import PairSettings
+from telepathy.protos.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.serving.channels import make_sync_channel
-from telepathy.testing import ServiceThread, free_port, make_untrained_bridges, wait_until_serving
-from telepathy.serving.lifecycle import resolve_device
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.serving.channels import make_sync_channel
+from telepathy.serving.lifecycle import resolve_device
+from telepathy.testing import ServiceThread, free_port, make_untrained_bridges, wait_until_serving
 
 STAGES = ["sender_queue", "sender_model", "wire", "receiver_queue", "receiver_model", "total"]
 DTYPES = {"fp32": common_pb2.DTYPE_FP32, "fp16": common_pb2.DTYPE_FP16, "bf16": common_pb2.DTYPE_BF16,
@@ -117,8 +117,7 @@ def bench_texts(sender: LanguageModel, n: int, input_tokens: int | None) -> list
     """The short mixed TEXTS, or AG News articles cut to exactly `input_tokens` sender tokens (gpu_latency's inputs)."""
     if not input_tokens:
         return [TEXTS[i % len(TEXTS)] for i in range(n)]
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from tools.gpu_latency import texts_with_tokens
+    from bench_support import texts_with_tokens  # tools/bench_support.py, a sibling of this script
 
     return texts_with_tokens(sender, n, input_tokens)
 
@@ -150,7 +149,7 @@ class ServiceProcess:
         self.log = open(log_path, "w", encoding="utf-8")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
-    def wait(self, timeout: float) -> "ServiceProcess":
+    def wait(self, timeout: float) -> ServiceProcess:
         wait_until_serving(self.address, timeout=timeout, alive=lambda: self.proc.poll() is None)
         return self
 

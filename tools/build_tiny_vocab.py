@@ -1,7 +1,7 @@
 """Rebuild bridge/presets/tiny_vocab.json, the word vocabulary of the tiny random test models.
 
 Deterministic: special tokens, every word of the task prompts and verbalizers, then the most frequent words
-of the shipped data (ties broken alphabetically). Run: python scripts/build_tiny_vocab.py
+of the shipped data (ties broken alphabetically). Run: python tools/build_tiny_vocab.py
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ SIZE = 2048
 
 
 def main() -> None:
-    import sys
-
-    sys.path.insert(0, str(ROOT))
     from telepathy.bridge.tasks import TASKS
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<|im_start|>", "<|im_end|>"]

@@ -1,9 +1,9 @@
 """The whole GPU experiment: wire ablation → bridges for every task × seed → every baseline, on full test splits.
 
-    PYTHONPATH=. python scripts/gpu_experiments.py --role all --work /tmp/telepathy-run --pack $OUT
+    python tools/gpu_experiments.py --role all --work /tmp/telepathy-run --pack $OUT
 
 Roles (every method's results merge into results/<task>.json under a file lock, so roles may also run as
-separate processes; on one GPU that is slower — time-slicing — so scripts/gpu_run.sh runs `all`):
+separate processes; on one GPU that is slower — time-slicing — so run `--role all`):
   bridges    1. wire ablation on one task: K × d_wire bridges, one seed each, trained jointly; the default
                 (K, d_wire, wire dtype) is the fewest bytes whose *validation* accuracy is within 1 point of the
                 bf16 / full-width / K=16 reference;
@@ -33,16 +33,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from telepathy.bridge.checkpoint import read_meta  # noqa: E402
-from telepathy.bridge.training.data import load_split  # noqa: E402
-from telepathy.bridge.training.evaluate import EvalSettings, evaluate_task, format_table  # noqa: E402
-from telepathy.bridge.training.hidden_cache import StatesStore  # noqa: E402
-from telepathy.bridge.lm import LanguageModel  # noqa: E402
-from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402
-from telepathy.bridge.resampler import wire_bytes  # noqa: E402
-from telepathy.bridge.training.train import (  # noqa: E402
+from telepathy.bridge.checkpoint import read_meta
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
+from telepathy.bridge.resampler import wire_bytes
+from telepathy.bridge.training.data import load_split
+from telepathy.bridge.training.evaluate import EvalSettings, evaluate_task, format_table
+from telepathy.bridge.training.hidden_cache import StatesStore
+from telepathy.bridge.training.train import (
     DEFAULT_D_WIRE,
     DEFAULT_SOFT_TOKENS,
     DEFAULT_WIRE_DTYPE,

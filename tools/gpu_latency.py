@@ -23,6 +23,7 @@ after every section so a timeout still leaves what was measured):
               (× 1.5, or 0.02 absolute, whichever is larger) and its top-1 agreement with fp32 is at most 5 points
               (≥ 1 row) under eager's, over the bench input + --parity-rows texts
 The gRPC services measurement is not here (services_b1_ms_p50 stays null): the services bench fills it.
+The timing, inputs, model pair, floor and batcher helpers are in tools/bench_support.py.
 """
 
 from __future__ import annotations
@@ -31,298 +32,42 @@ import argparse
 import json
 import os
 import platform
-import queue
 import sys
-import threading
 import time
 import traceback
-from concurrent.futures import Future
 from pathlib import Path
 
-import numpy as np
 import torch
+from bench_support import (
+    TASK,
+    build,
+    copy_bandwidth,
+    eager_bridge,
+    floor_bytes,
+    run_batcher,
+    stats,
+    texts_with_tokens,
+    time_events,
+    time_wall,
+    weight_bytes,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from telepathy.bridge.checkpoint import BridgeMeta  # noqa: E402
-from telepathy.bridge.codec import quantize  # noqa: E402
-from telepathy.bridge.training.data import load_split  # noqa: E402
-from telepathy.bridge.runtime.engine import BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine  # noqa: E402
-from telepathy.bridge.runtime.fastpath import (  # noqa: E402
+from telepathy.bridge.runtime.engine import BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
+from telepathy.bridge.runtime.fastpath import (
     FastPathConfig,
     FastPipeline,
     ReceiverFastPath,
     RelayGenerator,
     SenderFastPath,
     compile_error,
-    dequantize,
     eager_generate_ids,
     fused_decoder,
     release_caches,
 )
-from telepathy.bridge.lm import LanguageModel  # noqa: E402
-from telepathy.bridge.resampler import Bridge, BridgeConfig  # noqa: E402
-from telepathy.bridge.tasks import get_task  # noqa: E402
+from telepathy.bridge.tasks import get_task
+from telepathy.bridge.training.data import load_split
 
-TASK = "ag_news"
-
-
-# ---- timing -----------------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_events(fn, device: torch.device, runs: int, warmup: int) -> list[float]:
-    """Milliseconds per call: CUDA events around each call (GPU idle before each, like a lone request)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def time_wall(fn, device: torch.device, runs: int, warmup: int) -> list[float]:
-    """Milliseconds per call on the host clock, synchronised (host work such as tokenizing included)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def stats(ms: list[float]) -> dict:
-    a = np.asarray(ms, dtype=np.float64)
-    return {"p50": float(np.median(a)), "p99": float(np.percentile(a, 99)), "mean": float(a.mean()),
-            "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> dict:
-    """Large device-to-device copy; bandwidth counts bytes read plus bytes written (METHOD.md)."""
-    src = torch.randn(nbytes // 4, device=device)  # random data, never zeros
-    dst = torch.empty_like(src)
-    ms = time_events(lambda: dst.copy_(src), device, runs=20, warmup=3)
-    assert torch.equal(dst[:1000], src[:1000])
-    p50 = float(np.median(ms))
-    del src, dst
-    return {"bytes_per_copy": nbytes, "copy_ms_p50": p50, "bandwidth_GBps": 2 * nbytes / (p50 * 1e-3) / 1e9}
-
-
-# ---- inputs -----------------------------------------------------------------------------------------------------
-def texts_with_tokens(lm: LanguageModel, n_texts: int, n_tokens: int) -> list[str]:
-    """AG News test articles cut or extended (with following articles) to exactly n_tokens sender tokens."""
-    rows = [r.text for r in load_split(TASK, "test", limit=400)]
-    out, i = [], 0
-    while len(out) < n_texts:
-        words: list[str] = []
-        while lm.token_count(" ".join(words)) < n_tokens:
-            words.extend(rows[i % len(rows)].split())
-            i += 1
-        while len(words) > 1 and lm.token_count(" ".join(words)) > n_tokens:
-            words.pop()
-        text = " ".join(words)
-        while lm.token_count(text) < n_tokens:  # a dropped word took several tokens: pad with one-token words
-            text += " news"
-        out.append(text)
-    return out
-
-
-def build(args, device: torch.device):
-    dtype = FastPathConfig(dtype=args.fp_dtype).torch_dtype(device)
-    t0 = time.perf_counter()
-    sender = LanguageModel.load(args.sender, device=str(device), dtype=dtype)
-    receiver = LanguageModel.load(args.receiver, device=str(device), dtype=dtype)
-    sync(device)
-    load_s = time.perf_counter() - t0
-    layer = min(args.layer, sender.num_layers)
-    config = BridgeConfig(sender_hidden=sender.hidden_size, receiver_hidden=receiver.hidden_size, sender_layer=layer,
-                          num_latents=args.num_latents, d_model=args.d_model, depth=args.depth, num_heads=args.heads,
-                          d_wire=args.d_wire)
-    torch.manual_seed(0)
-    bridge = Bridge(config, target_rms=receiver.embedding_rms_median()).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    spec = get_task(TASK)
-    meta = BridgeMeta(
-        path=Path("<random bridge, in memory>"), config=config, task=TASK, labels=list(spec.labels),
-        verbalizers=list(spec.verbalizers), primer=spec.primer, sender=sender.fingerprint(), receiver=receiver.fingerprint(),
-        weights_sha256="random-init-seed-0", training={"answer_prefix": spec.answer_prefix},
-    )
-    s_engine = SenderEngine(sender, BridgeSet([LoadedBridge(meta, bridge.encoder)]))
-    r_engine = ReceiverEngine(receiver, BridgeSet([LoadedBridge(meta, bridge.adapter)]))
-    return s_engine, r_engine, meta, load_s
-
-
-def eager_bridge(s_engine: SenderEngine, r_engine: ReceiverEngine, texts: list[str], wire: str) -> torch.Tensor:
-    """The eager reference: engines as they are (HF forward with masks, truncated sender, label-only logits)."""
-    latents, meta = s_engine.encode(texts, TASK)
-    values, scales = quantize(latents, wire)
-    probs, _ = r_engine.classify_latents(dequantize(values, scales), TASK, meta.bridge_id)
-    return probs
-
-
-def weight_bytes(lm: LanguageModel, modules) -> int:
-    seen, total = set(), 0
-    for m in modules:
-        for p in m.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel() * p.element_size()
-    return total
-
-
-def floor_bytes(s_engine: SenderEngine, r_engine: ReceiverEngine, meta: BridgeMeta, n_tokens: int) -> dict:
-    """Bytes of weights the batch-1 bridge path must read once: only what actually runs."""
-    s, r = s_engine.lm, r_engine.lm
-    L = meta.config.sender_layer
-    elem_s, elem_r = s.model.get_input_embeddings().weight.element_size(), r.model.get_input_embeddings().weight.element_size()
-    parts = {
-        "sender_embedding_rows": n_tokens * s.hidden_size * elem_s,  # rows gathered for the input ids
-        f"sender_layers_1_to_{L}": weight_bytes(s, s.backbone.layers[:L]),  # no final norm, no LM head
-        "bridge_encoder": weight_bytes(s, [s_engine.bridges.by_id[meta.bridge_id].module]),
-        "bridge_adapter": weight_bytes(r, [r_engine.bridges.by_id[meta.bridge_id].module]),
-        f"receiver_layers_1_to_{r.num_layers}": weight_bytes(r, r.backbone.layers),
-        "receiver_final_norm": weight_bytes(r, [r.backbone.norm]),
-        "receiver_label_rows": len(meta.verbalizers) * r.hidden_size * elem_r,  # L rows of the LM head
-        "receiver_embedding_rows": 0,  # primer / answer prefix are embedded once at start-up
-    }
-    return {"parts": parts, "total": sum(parts.values())}
-
-
-# ---- dynamic batching ---------------------------------------------------------------------------------------------
-class DynamicBatcher:
-    """One worker thread: waits for a first request, gathers up to max_batch within max_delay, runs them together.
-
-    pipelined: `fn` returns a pending answer (FastPipeline.classify_async) and the worker gathers, tokenises and
-    queues batch N+1 on the device before it waits for batch N, so the device never idles on the host's work.
-    """
-
-    def __init__(self, fn, max_batch: int, max_delay_s: float, pipelined: bool = False):
-        self.fn, self.max_batch, self.max_delay_s, self.pipelined = fn, max_batch, max_delay_s, pipelined
-        self.q: queue.Queue = queue.Queue()
-        self.batch_sizes: list[int] = []
-        self._stop = False
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def submit(self, text: str) -> Future:
-        fut: Future = Future()
-        self.q.put((text, fut))
-        return fut
-
-    def close(self) -> None:
-        self._stop = True
-        self.q.put(None)
-        self.thread.join(timeout=10)
-
-    def _gather(self, first) -> list:
-        batch = [first]
-        deadline = time.perf_counter() + self.max_delay_s
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            try:
-                item = self.q.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if item is None:
-                self._stop = True
-                break
-            batch.append(item)
-        return batch
-
-    def _deliver(self, batch: list, answer) -> None:
-        try:
-            probs = answer.result() if self.pipelined else answer
-            for (_, fut), p in zip(batch, probs):
-                fut.set_result(p)
-        except Exception as exc:  # noqa: BLE001 - hand the error to every waiting request
-            for _, fut in batch:
-                fut.set_exception(exc)
-        self.batch_sizes.append(len(batch))
-
-    def _loop(self) -> None:
-        pending = None  # (batch, answer) queued on the device, not delivered yet
-        while True:
-            try:
-                first = self.q.get(block=pending is None)
-            except queue.Empty:  # nothing new: finish the batch in flight
-                self._deliver(*pending)
-                pending = None
-                continue
-            if first is None or self._stop:
-                if pending is not None:
-                    self._deliver(*pending)
-                return
-            batch = self._gather(first)
-            try:
-                answer = self.fn([t for t, _ in batch])
-            except Exception as exc:  # noqa: BLE001
-                for _, fut in batch:
-                    fut.set_exception(exc)
-                continue
-            if pending is not None:
-                self._deliver(*pending)
-                pending = None
-            if self.pipelined:
-                pending = (batch, answer)
-            else:
-                self._deliver(batch, answer)
-
-
-def run_batcher(fn, texts: list[str], max_batch: int, clients: int, seconds: float, max_delay_s: float = 0.002,
-                pipelined: bool = False) -> dict:
-    batcher = DynamicBatcher(fn, max_batch, max_delay_s, pipelined)
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = [0.0]
-    start_evt = threading.Event()
-
-    def client(i: int) -> None:
-        start_evt.wait()
-        k = i
-        while time.perf_counter() < stop_at[0]:
-            t = time.perf_counter()
-            batcher.submit(texts[k % len(texts)]).result()
-            with lock:
-                latencies.append((time.perf_counter() - t) * 1e3)
-            k += clients
-
-    # warm-up round (graph capture of this batch bucket happens here)
-    for f in [batcher.submit(texts[i % len(texts)]) for i in range(max_batch)]:
-        f.result()
-    batcher.batch_sizes.clear()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for th in threads:
-        th.start()
-    t0 = time.perf_counter()
-    stop_at[0] = t0 + seconds
-    start_evt.set()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t0
-    batcher.close()
-    s = stats(latencies)
-    return {"requests": len(latencies), "seconds": elapsed, "rps": len(latencies) / elapsed, "latency_ms": s,
-            "mean_batch": float(np.mean(batcher.batch_sizes)) if batcher.batch_sizes else 0.0, "clients": clients,
-            "max_batch": max_batch, "max_delay_ms": max_delay_s * 1e3, "pipelined": pipelined}
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- main -------------------------------------------------------------------------------------------------------
@@ -542,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, overrides in variants.items():
             cfg = FastPathConfig.from_dict({**fp_config.to_dict(), **overrides, "batch_buckets": [1]})
             variant = FastPipeline(SenderFastPath(s_engine, cfg), ReceiverFastPath(r_engine, cfg))
-            rows[name] = stats(time_events(lambda: variant.classify_ids(ids, lengths, TASK), device, n, 5))
+            rows[name] = stats(time_events(lambda: variant.classify_ids(ids, lengths, TASK), device, n, 5))  # noqa: B023, F821 - called here, del'd below
             del variant
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -607,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             texts = batch_texts[:b] if b <= len(batch_texts) else (batch_texts * (b // len(batch_texts) + 1))[:b]
             bids, blens = pipe.sender.tokenize(texts)
             pipe.classify_ids(bids, blens, TASK)  # capture this bucket
-            model = stats(time_events(lambda: pipe.classify_ids(bids, blens, TASK), device, max(10, args.runs // 10), 3))
+            model = stats(time_events(lambda: pipe.classify_ids(bids, blens, TASK), device, max(10, args.runs // 10), 3))  # noqa: B023 - called here
             # b closed-loop clients can never keep batches of b full (some are always between requests); 2b
             # clients saturate the batcher, which then overlaps tokenising batch N+1 with batch N on the device.
             dyn = run_batcher(lambda t: pipe.classify_batch(t, TASK), batch_texts, max_batch=b, clients=b,

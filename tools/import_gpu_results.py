@@ -1,10 +1,11 @@
 """Bring a GPU run's archives into the repo: results merged into results/, bridges into the package.
 
-    .venv/bin/python scripts/import_gpu_results.py /work/.device/NN
+    .venv/bin/python tools/import_gpu_results.py /work/.device/NN
 
-- results.tar.gz: results/*.json are merged method by method into the repo's results/ (bridge.evaluate.merge_results,
-  so methods from an earlier run stay unless the new run has them too); wire_ablation.json replaces the old one if
-  present; each trained bridge's config.json + diagnostics.jsonl go to results/diagnostics/<task>_seed<s>.*;
+- results.tar.gz: results/*.json are merged method by method into the repo's results/
+  (telepathy.bridge.training.evaluate.merge_results, so methods from an earlier run stay unless the new run has them
+  too); wire_ablation.json replaces the old one if present; each trained bridge's config.json + diagnostics.jsonl
+  go to results/diagnostics/<task>_seed<s>.*;
 - shipped_<task>.tar: extracted into bridge/bridges/ (<sender>__<receiver>/<task>/{model.safetensors,config.json});
 - then results/summary.md and results/accuracy.png are rebuilt.
 """
@@ -19,12 +20,11 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from telepathy.bridge.checkpoint import read_meta
+from telepathy.bridge.training.evaluate import merge_results
+from telepathy.bridge.training.report import write_report
 
-from telepathy.bridge.checkpoint import read_meta  # noqa: E402
-from telepathy.bridge.training.evaluate import merge_results  # noqa: E402
-from telepathy.bridge.training.report import write_report  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from telepathy.config import ServiceSettings, setting
 from telepathy.contract import DEFAULT_RECEIVER
-from telepathy.config import ServiceSettings, env_field
 
 
-
-@dataclass
 class ReceiverSettings(ServiceSettings):
-    port: int = env_field(50052, "TELEPATHY_PORT", "gRPC port (0 = pick a free one)")
-    model: str = env_field(DEFAULT_RECEIVER, "TELEPATHY_MODEL", "model spec: embedded preset, random:NAME, .gguf file, folder, HF id")
+    port: int = setting(50052, "gRPC port (0 = pick a free one)")
+    model: str = setting(DEFAULT_RECEIVER, "model spec: embedded preset, random:NAME, .gguf file, folder, HF id")

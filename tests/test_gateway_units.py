@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from telepathy.cli import build_parser
+from telepathy.config import SettingsError
 from telepathy.gateway import errors, serving
 from telepathy.gateway.settings import ENV_VARS, GatewaySettings, add_arguments
-
 
 # -- settings ---------------------------------------------------------------------------------------------------
 
@@ -63,8 +63,65 @@ def test_settings_validation(kwargs, message):
 
 
 def test_every_env_var_is_a_field():
-    fields = set(GatewaySettings.__dataclass_fields__)
+    fields = set(GatewaySettings.model_fields)
     assert set(ENV_VARS) <= fields
+
+
+def test_settings_cli_beats_env_beats_config_file_beats_secrets_beats_default(tmp_path):
+    config = tmp_path / "gateway.yaml"
+    config.write_text("max_concurrency: 3\nmax_text_chars: 3000\nrequest_timeout_s: 3\nprobe_timeout_s: 1.5\n",
+                      encoding="utf-8")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    for name, value in {"TELEPATHY_MAX_CONCURRENCY": "4", "TELEPATHY_MAX_TEXT_CHARS": "4444",
+                        "TELEPATHY_REQUEST_TIMEOUT_S": "4.5", "TELEPATHY_GATEWAY_PORT": "9104",
+                        "TELEPATHY_API_KEYS": "k1,k2", "TELEPATHY_LOG_LEVEL": "debug"}.items():
+        (secrets / name).write_text(value + "\n", encoding="utf-8")
+    env = {"TELEPATHY_MAX_CONCURRENCY": "2", "TELEPATHY_MAX_TEXT_CHARS": "2222"}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--max-concurrency", "1", "--config", str(config), "--secrets-dir", str(secrets)])
+    s = GatewaySettings.from_args(args, env)
+    assert (s.max_concurrency, s.max_text_chars, s.request_timeout_s, s.probe_timeout_s, s.port, s.api_keys) == \
+        (1, 2222, 3.0, 1.5, 9104, ("k1", "k2"))
+    assert (s.host, s.log_level) == ("127.0.0.1", "info")  # default; log_level reads no variable, so no secret file
+    by_env = {**env, "TELEPATHY_CONFIG": str(config), "TELEPATHY_SECRETS_DIR": str(secrets)}
+    assert GatewaySettings.from_env(by_env, max_concurrency=1) == s
+    assert GatewaySettings.from_env({}) == GatewaySettings()  # no sources: the defaults
+
+
+def test_settings_from_a_toml_config_file(tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text('port = 9005\nsender_addr = "sender:50051"\napi_keys = ["a", "b"]\nlog_level = "WARNING"\n',
+                      encoding="utf-8")
+    s = GatewaySettings.from_env({"TELEPATHY_GATEWAY_PORT": "9006"}, config_file=str(config))
+    assert (s.port, s.sender_addr, s.api_keys, s.log_level) == (9006, "sender:50051", ("a", "b"), "warning")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("port: 9000\nmax_batch_size: 8\n", "--config {path}: unknown setting for GatewaySettings: 'max_batch_size'"),
+    ("- 9000\n", "--config {path}: expected a mapping of setting names to values, got list"),
+    ("max_concurrency: 0\n", "max_concurrency must be >= 1, got 0"),
+])
+def test_settings_bad_config_file(tmp_path, text, message):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SettingsError) as info:
+        GatewaySettings.from_env({}, config_file=str(path))
+    assert str(info.value) == message.format(path=path)
+
+
+def test_gateway_command_with_a_bad_config_file_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.yaml").write_text("port: 9000\nmax_batch_size: 8\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TELEPATHY_")}
+    r = subprocess.run([sys.executable, "-m", "telepathy", "gateway", "--config", "bad.yaml"], capture_output=True,
+                       text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "gateway: invalid settings: --config bad.yaml: unknown setting for GatewaySettings: 'max_batch_size'"
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

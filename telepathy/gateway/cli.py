@@ -15,9 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # -- gateway ---------------------------------------------------------------------------------------------
     p = subparsers.add_parser("gateway", help="serve the HTTP gateway alone (uvicorn) in front of a running sender",
-                              description="Serve the FastAPI gateway. Flags override TELEPATHY_* env vars; API keys, the "
-                                          "service token and TLS files come from the environment only: "
-                                          "TELEPATHY_API_KEYS, TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_*.")
+                              description="Serve the FastAPI gateway. Settings: flags > TELEPATHY_* env vars > the "
+                                          "--config file > secret files (--secrets-dir) > defaults. API keys, the "
+                                          "service token and TLS files have no flags (argv is visible to every user): "
+                                          "TELEPATHY_API_KEYS, TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_*, or the same "
+                                          "names as files in the secrets dir (keys in the config file).")
     gw_settings.add_arguments(p)
     p.add_argument("--access-log", dest="access_log", action="store_true", default=True,
                    help="log every request (default)")
@@ -89,7 +91,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     try:
         settings = GatewaySettings.from_args(args)
-    except (TypeError, ValueError) as exc:
+    except ValueError as exc:  # SettingsError: names the flag, variable or config entry to fix
         print(f"gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -3,8 +3,11 @@
 `pair` runs the sender and the receiver in one process (pair_service): both gRPC services on one port, the
 bridge path in one model call. Use it when both models share a GPU (or two GPUs of one host).
 
-Every option also reads an environment variable (CLI > env > default; table in docs/SERVICES.md). The auth
-token comes from TELEPATHY_AUTH_TOKEN only: a command line is visible to every user of the machine.
+Every option also reads an environment variable (table in docs/SERVICES.md). Priority: options > environment
+variables > the --config FILE (YAML/TOML/JSON, keys are setting names; or TELEPATHY_CONFIG) > secret files in
+--secrets-dir DIR (one per variable, e.g. DIR/TELEPATHY_AUTH_TOKEN; or TELEPATHY_SECRETS_DIR) > defaults.
+The auth token has no option (a command line is visible to every user of the machine): TELEPATHY_AUTH_TOKEN,
+the config file or a secret file.
 Exit codes: 0 after a clean drain, 2 for invalid settings, 1 when the service fails to start.
 """
 
@@ -15,14 +18,11 @@ import asyncio
 import logging
 import signal
 import sys
-import typing
-from dataclasses import MISSING, fields
 
+from telepathy.config import CONFIG_ENV, SECRETS_DIR_ENV, SettingsError, env_name, from_sources, option_name
 from telepathy.pair_service.settings import PairSettings
 from telepathy.receiver_service.settings import ReceiverSettings
 from telepathy.sender_service.settings import SenderSettings
-
-from telepathy.config import SettingsError, from_sources, option_name
 
 log = logging.getLogger(__name__)
 ENV_ONLY = {"auth_token"}
@@ -30,15 +30,14 @@ ROLES = {"sender": SenderSettings, "receiver": ReceiverSettings, "pair": PairSet
 
 
 def _option_fields():
-    """(field, type, {role: default}) for every setting of either role, in declaration order."""
+    """(name, type, help, env var, {role: default}) for every setting of any role, in declaration order."""
     seen: dict[str, tuple] = {}
     for role, cls in ROLES.items():
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            if f.name in ENV_ONLY:
+        for name, info in cls.model_fields.items():
+            if name in ENV_ONLY:
                 continue
-            entry = seen.setdefault(f.name, (f, hints[f.name], {}))
-            entry[2][role] = f.default if f.default is not MISSING else None
+            entry = seen.setdefault(name, (name, info.annotation, info.description or "", env_name(cls, name), {}))
+            entry[4][role] = info.default
     return list(seen.values())
 
 
@@ -46,28 +45,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the sender or receiver gRPC service, or both in one process (pair)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("role", choices=list(ROLES), help="which service to run")
-    for f, typ, defaults in _option_fields():
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help=f"YAML, TOML or JSON file of settings, keys as the option names with underscores "
+                        f"(max_batch_size: 8); below options and env vars (env {CONFIG_ENV})")
+    p.add_argument("--secrets-dir", metavar="DIR", default=None,
+                   help=f"folder of secret files named like the variables, e.g. DIR/TELEPATHY_AUTH_TOKEN; below the "
+                        f"config file (env {SECRETS_DIR_ENV}; default: off)")
+    for name, typ, help, env, defaults in _option_fields():
         values = set(map(str, defaults.values()))
         default = next(iter(values)) if len(values) == 1 else ", ".join(f"{r} {d}" for r, d in defaults.items())
         only = "" if len(defaults) == len(ROLES) else f"{' and '.join(defaults)} only; "
-        help_text = f"{f.metadata['help']} ({only}env {f.metadata['env']}; default: {default or 'none'})"
+        help_text = f"{help} ({only}env {env}; default: {default or 'none'})"
         if typ is bool:
-            p.add_argument(option_name(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(option_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(option_name(f.name), type=typ, default=None, help=help_text,
-                           metavar=f.name.upper() if typ is str else typ.__name__.upper())
+            p.add_argument(option_name(name), type=typ, default=None, help=help_text,
+                           metavar=name.upper() if typ is str else typ.__name__.upper())
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     cls = ROLES[args.role]
-    names = {f.name for f in fields(cls)}
-    foreign = [option_name(f.name) for f, _, _ in _option_fields() if f.name not in names and getattr(args, f.name) is not None]
+    names = set(cls.model_fields)
+    foreign = [option_name(name) for name, *_ in _option_fields() if name not in names and getattr(args, name) is not None]
     if foreign:
         print(f"telepathy serve {args.role}: {', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to this role", file=sys.stderr)
         return 2
     try:
-        settings = from_sources(cls, {n: getattr(args, n, None) for n in names})
+        settings = from_sources(cls, {n: getattr(args, n, None) for n in names if n not in ENV_ONLY},
+                                config_file=args.config, secrets_dir=args.secrets_dir)
     except SettingsError as exc:
         print(f"telepathy serve {args.role}: {exc}", file=sys.stderr)
         return 2
@@ -110,8 +116,8 @@ async def run_service(role: str, settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rpc.serve sender|receiver …` = `telepathy serve …` without the top-level CLI."""
-    parser = argparse.ArgumentParser(prog="python -m rpc.serve")
+    """`python -m telepathy.ops.serve sender|receiver …` = `telepathy serve …` without the top-level CLI."""
+    parser = argparse.ArgumentParser(prog="python -m telepathy.ops.serve")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -28,40 +28,46 @@ often as every 10 s, so they never answer GOAWAY "too_many_pings".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 
+from telepathy.config import MiB, TelepathySettings, from_sources, require, setting
 from telepathy.serving.auth import SyncTokenInterceptor, aio_token_interceptors, bearer, channel_credentials
-from telepathy.config import MiB, env_field, from_sources, require
 
 CLIENT_KEEPALIVE_MS = 30_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000  # must stay below CLIENT_KEEPALIVE_MS
 KEEPALIVE_TIMEOUT_MS = 10_000
 
 
-@dataclass
-class ClientSettings:
-    """How a client reaches a service. Defaults: plaintext, no token (fine on loopback only)."""
+class ClientSettings(TelepathySettings):
+    """How a client reaches a service. Defaults: plaintext, no token (fine on loopback only).
 
-    auth_token: str = env_field("", "TELEPATHY_AUTH_TOKEN", "bearer token sent on every call")
-    tls: bool = env_field(False, "TELEPATHY_CLIENT_TLS", "dial with TLS (on by itself when a CA or client cert is set)")
-    tls_ca: str = env_field("", "TELEPATHY_TLS_CA", "CA bundle the server certificate must chain to (system roots when empty)")
-    tls_cert: str = env_field("", "TELEPATHY_TLS_CERT", "client certificate chain for mTLS")
-    tls_key: str = env_field("", "TELEPATHY_TLS_KEY", "client private key for mTLS")
-    tls_server_name: str = env_field("", "TELEPATHY_TLS_SERVER_NAME", "name to check in the server certificate instead of the host")
-    max_message_bytes: int = env_field(4 * MiB, "TELEPATHY_MAX_MESSAGE_BYTES", "gRPC max send/receive message size")
+    `from_env()` reads the variables, then secret files (TELEPATHY_SECRETS_DIR), never a config file: the
+    TELEPATHY_CONFIG of a service's container holds the service's settings, not a client's."""
+
+    config_env: ClassVar[str | None] = None
+
+    auth_token: str = setting("", "bearer token sent on every call", secret=True)
+    tls: bool = setting(False, "dial with TLS (on by itself when a CA or client cert is set)", env="TELEPATHY_CLIENT_TLS")
+    tls_ca: str = setting("", "CA bundle the server certificate must chain to (system roots when empty)")
+    tls_cert: str = setting("", "client certificate chain for mTLS")
+    tls_key: str = setting("", "client private key for mTLS")
+    tls_server_name: str = setting("", "name to check in the server certificate instead of the host")
+    max_message_bytes: int = setting(4 * MiB, "gRPC max send/receive message size")
     # Every outgoing call gets a deadline; this is the one used when the caller gives none.
-    timeout_s: float = env_field(30.0, "TELEPATHY_CLIENT_TIMEOUT_S", "default deadline of a call, seconds")
+    timeout_s: float = setting(30.0, "default deadline of a call, seconds", env="TELEPATHY_CLIENT_TIMEOUT_S")
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
+        super()._check()
         self.tls = bool(self.tls or self.tls_ca or self.tls_cert)
         require(bool(self.tls_cert) == bool(self.tls_key), "TELEPATHY_TLS_CERT / TELEPATHY_TLS_KEY", "give both or neither")
         require(self.timeout_s > 0, "TELEPATHY_CLIENT_TIMEOUT_S", "must be positive")
         require(self.max_message_bytes >= 64 * 1024, "TELEPATHY_MAX_MESSAGE_BYTES", "must be at least 65536")
 
     @classmethod
-    def from_env(cls, env=None, **overrides) -> "ClientSettings":
+    def from_env(cls, env=None, **overrides) -> ClientSettings:
+        """Overrides (None = not given) > `env` (os.environ when None) > secret files > defaults."""
         return from_sources(cls, overrides, env)
 
 

@@ -3,8 +3,12 @@
 What is proved here (docs/DEPLOYMENT.md, "What was verified"):
 - docker/Dockerfile: the three targets exist, run as a non-root user, use the project's `telepathy` command as
   entrypoint and health check; every COPY source exists and survives .dockerignore; the model wheels and the
-  torch pin agree with the Makefile; the per-role requirement lists leave out only what the role never imports
-  (the gateway and healthcheck commands run with torch & co. unimportable, the services without matplotlib).
+  torch pin agree with the Makefile; each build stage installs the project with its role's extra (model:
+  `pip install ".[serve]"` after torch from its own index, checked to be kept; gateway: `pip install ".[gateway]"`),
+  and the roles computed here from pyproject (core + that extra) leave out only what the role never imports (the
+  gateway and healthcheck commands run with everything of [serve]/[train] unimportable, the services without
+  [train]'s matplotlib; tqdm arrives with transformers); the wheel built from the context installs every file
+  under the `telepathy` namespace.
 - docker-compose.yml, deploy/k8s/*.yaml: they parse; every `telepathy ...` command in them and in the Dockerfile
   parses with the real CLI parser; every TELEPATHY_* variable is one that the role's settings really read, and
   the values are accepted by those settings classes; ports, probe ports, addresses, selectors and names agree
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -54,15 +57,100 @@ STANDARD_ENV = {"PATH", "VIRTUAL_ENV", "HOME", "PYTHONUNBUFFERED", "PYTHONDONTWR
                 "PIP_DISABLE_PIP_VERSION_CHECK"}
 
 
-def _load_requirements_helper():
-    """docker/requirements.py, the script the Dockerfile runs, imported under a name of its own."""
-    spec = importlib.util.spec_from_file_location("docker_role_requirements", ROOT / "docker" / "requirements.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ============================================================================ image roles, from pyproject.toml
+# Each Docker build stage installs the project with one extra (`pip install ".[serve]"`, `pip install ".[gateway]"`),
+# so what an image holds is pyproject's core `dependencies` + that extra (self-references such as
+# "telepathy-llm[serve]" expanded), and everything those require.
+
+# Extras each role's image installs on top of the core `dependencies`, and the build stage that does it.
+ROLES: dict[str, tuple[str, ...]] = {"model": ("serve",), "gateway": ("gateway",)}
+BUILD_STAGES = {"model": "build-model", "gateway": "build-gateway"}
+
+# The extras whose modules the excluded-module lists are about: what loads, trains or plots a model.
+MODEL_EXTRAS = ("serve", "train")
+
+# MODEL_EXTRAS distributions that a role's image gets although its extra does not name them, because something
+# it installs requires them: tqdm (in [train]) is a dependency of transformers and huggingface-hub.
+# test_blocked_modules_are_really_missing_from_the_images checks this against the installed packages' metadata.
+DEPENDENCY_OF: dict[str, frozenset[str]] = {"model": frozenset({"tqdm"}), "gateway": frozenset()}
+
+# Import name of a distribution where it is not the distribution name with "-" -> "_".
+IMPORT_NAMES: dict[str, str] = {"pyyaml": "yaml", "prometheus-client": "prometheus_client"}
 
 
-image_requirements = _load_requirements_helper()
+def _dist_name(requirement: str) -> str:
+    """Normalized distribution name of a PEP 508 requirement string (PEP 503 normalization)."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if not match:
+        raise ValueError(f"cannot read a distribution name from {requirement!r}")
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def _self_extras(requirement: str, project: str) -> tuple[str, ...] | None:
+    """The extras of a requirement on the project itself ("telepathy-llm[serve,gateway]"), else None."""
+    if _dist_name(requirement) != project:
+        return None
+    match = re.match(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*\[([^\]]*)\]", requirement)
+    if not match or ";" in requirement:
+        raise ValueError(f"unsupported self-reference {requirement!r}: name the extras, without a marker")
+    return tuple(e.strip() for e in match.group(1).split(",") if e.strip())
+
+
+def _project_table() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+
+def extra_requirements(extras: tuple[str, ...]) -> list[str]:
+    """The requirement strings of `extras`, self-references expanded, first occurrence kept, in order."""
+    project = _project_table()
+    optional = project.get("optional-dependencies", {})
+    name = _dist_name(project["name"])
+    out: list[str] = []
+
+    def add(extra: str, path: tuple[str, ...]) -> None:
+        if extra in path:
+            raise ValueError(f"extras include each other: {' -> '.join(path + (extra,))}")
+        if extra not in optional:
+            raise ValueError(f"pyproject.toml has no extra {extra!r}; it has: {', '.join(sorted(optional))}")
+        for req in optional[extra]:
+            nested = _self_extras(req, name)
+            if nested is not None:
+                for e in nested:
+                    add(e, path + (extra,))
+            elif req not in out:
+                out.append(req)
+
+    for extra in extras:
+        add(extra, ())
+    return out
+
+
+def role_requirements(role: str) -> list[str]:
+    """What `pip install ".[<the role's extra>]"` asks for: the core `dependencies` + the role's extras."""
+    core = list(_project_table()["dependencies"])
+    return core + [r for r in extra_requirements(ROLES[role]) if r not in core]
+
+
+def import_name(distribution: str) -> str:
+    name = _dist_name(distribution)
+    return IMPORT_NAMES.get(name, name.replace("-", "_"))
+
+
+def _excluded_modules() -> dict[str, frozenset[str]]:
+    """Per role: import names of the MODEL_EXTRAS distributions its image does not have (neither installed by
+    its extra nor brought in as a dependency, DEPENDENCY_OF): what the tests block to prove the role runs
+    without them."""
+    model = {_dist_name(r) for r in extra_requirements(MODEL_EXTRAS)}
+    out = {}
+    for role in ROLES:
+        image = {_dist_name(r) for r in role_requirements(role)} | DEPENDENCY_OF[role]
+        out[role] = frozenset(import_name(d) for d in model - image)
+    return out
+
+
+EXCLUDED_MODULES: dict[str, frozenset[str]] = _excluded_modules()
 
 
 # =============================================================================================== Dockerfile
@@ -72,7 +160,7 @@ image_requirements = _load_requirements_helper()
 class Stage:
     name: str
     base: str
-    parent: "Stage | None" = None
+    parent: Stage | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     args: dict[str, str] = dataclasses.field(default_factory=dict)
     instructions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
@@ -264,18 +352,59 @@ def test_copy_sources_exist_and_reach_the_build_context(dockerfile):
             rel = f.relative_to(ROOT).as_posix()
             if "/tests/" not in f"/{rel}":
                 assert not dockerignored(rel), f"{rel} (under COPY {src}) would be missing from the image"
-    # pip install . needs every package that pyproject's package discovery includes.
-    include = re.search(r'include = \[([^\]]*)\]', (ROOT / "pyproject.toml").read_text()).group(1)
-    packages = {p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()}
+    # pip install . needs every package that pyproject lists, from the folder its package-dir maps it to.
     copied = {s.strip("/") for s in sources}
-    for pkg in packages:
-        if (ROOT / pkg).is_dir():
-            assert pkg in copied, f"package {pkg}/ is installed by pyproject but never copied into the images"
+    for pkg, folder in _package_folders().items():
+        assert (ROOT / folder).is_dir(), f"package {pkg}: its folder {folder}/ does not exist"
+        assert folder.split("/")[0] in copied, f"package {pkg} ({folder}/) is installed by pyproject but never copied into the images"
+    # And pyproject's license-files (setuptools refuses to build without them).
+    for pattern in _pyproject()["project"].get("license-files", []):
+        assert pattern in copied and not dockerignored(pattern), f"license file {pattern} is not copied"
     # And what must stay out of the context.
     for rel in (".venv/bin/python", "results/x.json", "tests/test_deploy.py", ".pytest_cache/v",
-                "bridge/__pycache__/cli.cpython-311.pyc", "data/sst2/test.jsonl", ".git/HEAD", "runs/a",
-                "docker/volumes/models/x.gguf", ".env", "telepathy.egg-info/PKG-INFO"):
+                "telepathy/__pycache__/cli.cpython-311.pyc", "bridge/__pycache__/lm.cpython-311.pyc",
+                "data/sst2/test.jsonl", ".git/HEAD", "runs/a", "docker/volumes/models/x.gguf", ".env",
+                "telepathy.egg-info/PKG-INFO", "telepathy_llm.egg-info/PKG-INFO", "tools/x.py",
+                "rpc/serve.py", "gateway/cli.py"):
         assert dockerignored(rel), f"{rel} would be sent to docker build"
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _package_dirs() -> dict[str, str]:
+    """pyproject's [tool.setuptools.package-dir]: package name → the folder that holds it."""
+    return _pyproject()["tool"]["setuptools"]["package-dir"]
+
+
+def _package_folders() -> dict[str, str]:
+    """Every package pyproject installs → its source folder (setuptools' rule: the nearest mapped parent package,
+    then the remaining name parts as sub-folders)."""
+    mapping = _package_dirs()
+    out = {}
+    for pkg in _pyproject()["tool"]["setuptools"]["packages"]:
+        parts = pkg.split(".")
+        for i in range(len(parts), 0, -1):
+            parent = ".".join(parts[:i])
+            if parent in mapping:
+                out[pkg] = "/".join([mapping[parent], *parts[i:]])
+                break
+        else:
+            out[pkg] = "/".join(parts)
+    return out
+
+
+def _wheel_name(rel: str) -> str | None:
+    """The name a source file of the repository gets inside the wheel (package-dir mapping), or None when no
+    installed package holds it."""
+    mapping = sorted(_package_dirs().items(), key=lambda kv: len(kv[1]), reverse=True)  # deepest folder first
+    for pkg, folder in mapping:
+        if rel.startswith(folder.rstrip("/") + "/"):
+            return pkg.replace(".", "/") + "/" + rel[len(folder.rstrip("/")) + 1:]
+    return None
 
 
 def _build_context(dest: Path) -> set[str]:
@@ -323,16 +452,24 @@ def test_pip_install_works_from_the_build_context(dockerfile, tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    wheel = next((tmp_path / "wheel").glob("telepathy-*.whl"))
+    wheel = next((tmp_path / "wheel").glob("telepathy_llm-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {rel for rel in sent
-                if rel.split("/")[0] in {"bridge", "protos", "rpc", "sender_service", "receiver_service", "gateway"}
-                and (rel.endswith((".py", ".proto")) or rel.startswith(("bridge/presets/", "bridge/bridges/")))}
-    assert {"bridge/cli.py", "rpc/serve.py", "gateway/cli.py", "bridge/presets/tiny_vocab.json"} <= expected
+    # Every module, proto, stub, preset and shipped bridge that the context sends, under its installed name.
+    expected = {_wheel_name(rel) for rel in sent
+                if rel.endswith((".py", ".proto", ".pyi", "py.typed"))
+                or rel.startswith(("bridge/presets/", "bridge/bridges/"))} - {None}
+    assert {"telepathy/cli.py", "telepathy/ops/serve.py", "telepathy/gateway/cli.py",
+            "telepathy/bridge/presets/tiny_vocab.json", "telepathy/protos/v1/common.proto",
+            "telepathy/sender_service/servicer.py", "telepathy/pair_service/app.py", "telepathy/py.typed"} <= expected
+    assert any(n.startswith("telepathy/bridge/bridges/") and n.endswith(".safetensors") for n in expected)
     missing = sorted(expected - names)
     assert not missing, f"`pip install .` in the image would not install: {missing[:20]}"
+    # One top-level package (and its dist-info), nothing else.
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"telepathy"}
+    dist_info = {n.split("/")[0] for n in names if ".dist-info/" in n}
+    assert len(dist_info) == 1 and next(iter(dist_info)).startswith("telepathy_llm-"), dist_info
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "telepathy = bridge.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "telepathy = telepathy.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def _makefile_var(name: str) -> str:
@@ -341,7 +478,7 @@ def _makefile_var(name: str) -> str:
 
 
 def test_image_pins_agree_with_makefile(dockerfile):
-    from bridge import embedded
+    from telepathy.bridge import embedded
 
     _, stages = dockerfile
     args = stages["build-model"].args
@@ -353,16 +490,135 @@ def test_image_pins_agree_with_makefile(dockerfile):
 
 
 def test_role_requirements_come_from_pyproject():
-    import tomllib
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    name = _dist_name
+    core = {name(d) for d in project["dependencies"]}
+    extra = lambda e: {name(d) for d in extras[e] if name(d) != name(project["name"])}  # noqa: E731
+    assert ROLES == {"model": ("serve",), "gateway": ("gateway",)}
+    assert set(ROLES.values()) <= {(e,) for e in extras}, "every role's extra exists in pyproject.toml"
+    kept = {role: role_requirements(role) for role in ROLES}
+    names = {role: {name(d) for d in reqs} for role, reqs in kept.items()}
+    # model = core + [serve] (torch included: installed first from its own index, then kept by pip);
+    # gateway = core + [gateway].
+    assert names["model"] == core | extra("serve")
+    assert names["gateway"] == core | extra("gateway")
+    for role, reqs in kept.items():
+        assert len(reqs) == len(set(reqs)), f"{role}: a requirement listed twice"
+        assert name(project["name"]) not in names[role], f"{role}: a self-reference was not expanded"
+        # The lines themselves are pyproject's (version bounds and markers included), not rewritten.
+        assert set(reqs) <= set(project["dependencies"]) | {d for v in extras.values() for d in v}
+    assert "torch" in extra("serve") and "torch" in names["model"]
+    assert not names["gateway"] & ({"torch", "transformers"} | extra("serve") | extra("train"))
+    assert "fastapi" in names["gateway"] and "fastapi" not in names["model"]
+    # Self-references resolve: [train] is [serve] + its own.
+    train = extra_requirements(("train",))
+    assert {name(d) for d in train} == extra("serve") | extra("train")
+    # The modules the tests block: everything of [serve]/[train] for the gateway, the training-only ones for the
+    # services (torch is in the model images; tqdm too, as a dependency of transformers).
+    assert EXCLUDED_MODULES == {
+        "gateway": {"torch", "transformers", "gguf", "safetensors", "filelock", "matplotlib", "tqdm"},
+        "model": {"matplotlib"},
+    }
+    assert "torch" not in EXCLUDED_MODULES["model"], "torch is in the model images"
+    for role, modules in EXCLUDED_MODULES.items():
+        assert not {import_name(d) for d in names[role]} & modules, f"{role} blocks what it installs"
 
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    names = {image_requirements._name(d) for d in deps}
-    for role, excluded in image_requirements.EXCLUDE.items():
-        assert excluded <= names, f"{role}: excludes {sorted(excluded - names)}, which pyproject does not list"
-        kept = image_requirements.requirements(role, ROOT / "pyproject.toml")
-        assert {image_requirements._name(d) for d in kept} == names - excluded
-    assert "transformers" not in {image_requirements._name(d) for d in image_requirements.requirements("gateway", ROOT / "pyproject.toml")}
-    assert "torch" not in image_requirements.EXCLUDED_MODULES["model"], "torch is installed separately in the model images"
+
+def _shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a RUN line's shell script, as words (quotes respected; split at `;`, `&&`, `||`,
+    `|` and after `then` / `else` / `do`)."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, current = [], []
+    for token in lexer:
+        if token in (";", "&&", "||", "|", "&"):
+            commands.append(current)
+            current = []
+        elif token in ("then", "else", "do") and not current:
+            continue
+        else:
+            current.append(token)
+    commands.append(current)
+    return [c for c in commands if c]
+
+
+def _pip_installs(stage: Stage) -> list[list[str]]:
+    """The arguments of every `pip install` in the stage's RUN lines (shell words after `pip install`)."""
+    return [words[2:] for keyword, rest in stage.instructions if keyword == "RUN"
+            for words in _shell_commands(rest) if len(words) >= 2 and words[0].endswith("pip") and words[1] == "install"]
+
+
+def test_each_build_stage_installs_its_extra(dockerfile):
+    """docker/Dockerfile installs the project with the role's extra, no requirement list of its own."""
+    _, stages = dockerfile
+    for role, stage_name in BUILD_STAGES.items():
+        installs = _pip_installs(stages[stage_name])
+        spec = f".[{','.join(ROLES[role])}]"
+        project = [args for args in installs if any(a == "." or a.startswith(".[") for a in args)]
+        assert project == [[spec]], f"{stage_name} must run `pip install \"{spec}\"` once, with nothing else: {project}"
+        assert not any("-r" in args or "--requirement" in args for args in installs), f"{stage_name} installs a list"
+        # The sources are copied before that install (it builds the project from them).
+        copied = [i for i, (k, v) in enumerate(stages[stage_name].instructions) if k == "COPY" and "--from=" not in v]
+        runs = [i for i, (k, v) in enumerate(stages[stage_name].instructions) if k == "RUN" and any(spec in c for c in _shell_commands(v))]
+        assert copied and runs and max(copied) < runs[0], f"{stage_name}: COPY the sources before `pip install \"{spec}\"`"
+    # The model stage: torch first, from TORCH_INDEX_URL, and the build fails if `.[serve]` replaced it.
+    model = stages["build-model"]
+    installs = _pip_installs(model)
+    assert installs[0] == ["--index-url", "${TORCH_INDEX_URL}", "${TORCH_SPEC}"], installs
+    serve_run = next(v for k, v in model.instructions if k == "RUN" and ".[serve]" in v)
+    assert serve_run.count("torch.__version__") == 1 and "/tmp/torch-version" in serve_run and "exit 1" in serve_run
+    torch_run = next(v for k, v in model.instructions if k == "RUN" and "${TORCH_SPEC}" in v)
+    assert "torch.__version__" in torch_run and "> /tmp/torch-version" in torch_run
+    # The smoke checks stay.
+    assert "telepathy --help" in serve_run
+    assert any("telepathy gateway --help" in v for k, v in stages["build-gateway"].instructions if k == "RUN")
+    # The gateway stage never sees torch.
+    assert not any("torch" in v for k, v in stages["build-gateway"].instructions)
+    # And the former helper script is gone everywhere.
+    assert not (ROOT / "docker" / "requirements.py").exists()
+    for path in (DOCKERFILE, ROOT / ".dockerignore", DEPLOYMENT_DOC):
+        assert "requirements.py" not in path.read_text(), f"{path.relative_to(ROOT)} still names docker/requirements.py"
+
+
+def _installed_closure(requirements: list[str]) -> set[str]:
+    """Normalized names of `requirements` and everything they require, by the installed packages' metadata
+    (what pip would bring into an image; extras of the dependencies are not followed)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    name = _dist_name
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = name(req.name)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            todo += [Requirement(r) for r in importlib.metadata.requires(req.name) or []]
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{req.name} (needed by an image) is not installed here, cannot follow its dependencies")
+    return seen
+
+
+def test_blocked_modules_are_really_missing_from_the_images():
+    """What a role blocks in these tests must be absent from its image for real: no package that the image
+    installs (core + its extra, torch included in the model images) requires one of them, and every MODEL_EXTRAS
+    distribution that does arrive that way is listed in DEPENDENCY_OF (so it is not blocked)."""
+    name = _dist_name
+    model_extras = {name(d) for d in extra_requirements(MODEL_EXTRAS)}
+    for role in ROLES:
+        reqs = role_requirements(role)
+        closure = _installed_closure(reqs)
+        direct = {name(r) for r in reqs}
+        assert (closure & model_extras) - direct == DEPENDENCY_OF[role], role
+        blocked = EXCLUDED_MODULES[role]
+        assert not {import_name(d) for d in closure} & blocked, f"{role}: blocks what its image has"
 
 
 # =========================================================================== "images without these modules"
@@ -393,7 +649,7 @@ def blocker_dir(tmp_path_factory) -> Path:
 def _role_env(blocker_dir: Path, role: str, base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(base if base is not None else _clean_env())
     env["PYTHONPATH"] = str(blocker_dir)
-    env["DEPLOY_TEST_BLOCKED_MODULES"] = ",".join(sorted(image_requirements.EXCLUDED_MODULES["model" if role in MODEL_ROLES else "gateway"]))
+    env["DEPLOY_TEST_BLOCKED_MODULES"] = ",".join(sorted(EXCLUDED_MODULES["model" if role in MODEL_ROLES else "gateway"]))
     return env
 
 
@@ -411,7 +667,7 @@ def _clean_env() -> dict[str, str]:
 def test_gateway_image_commands_run_without_model_dependencies(blocker_dir, argv):
     r = subprocess.run([str(TELEPATHY), *argv], env=_role_env(blocker_dir, "gateway"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"`telepathy {' '.join(argv)}` needs a module the gateway image leaves out " \
-                              f"({sorted(image_requirements.EXCLUDED_MODULES['gateway'])}):\n{r.stderr[-3000:]}"
+                              f"({sorted(EXCLUDED_MODULES['gateway'])}):\n{r.stderr[-3000:]}"
     # And they really could not import it (the blocker works).
     probe = subprocess.run([sys.executable, "-c", "import torch"], env=_role_env(blocker_dir, "gateway"), capture_output=True, text=True)
     assert probe.returncode != 0 and "left out of this image" in probe.stderr
@@ -518,19 +774,19 @@ def _profile_of(service: str) -> str | None:
 
 def _known_env(role: str) -> set[str]:
     """Every environment variable that `role`'s process really reads (from the settings classes)."""
-    from bridge import embedded
-    from gateway import settings as gw_settings
-    from receiver_service.settings import ReceiverSettings
-    from rpc.channels import ClientSettings
-    from rpc.settings import env_vars
+    from telepathy.bridge import embedded
+    from telepathy.config import env_vars
+    from telepathy.gateway import settings as gw_settings
+    from telepathy.receiver_service.settings import ReceiverSettings
+    from telepathy.serving.channels import ClientSettings
 
     client = set(env_vars(ClientSettings))  # outgoing calls and `telepathy healthcheck --grpc`
     if role == "gateway":
         return set(gw_settings.ENV_VARS.values()) | client
     if role == "receiver":
         return set(env_vars(ReceiverSettings)) | client | {embedded.CACHE_ENV, embedded.MODEL_FILES_ENV}
-    from pair_service.settings import PairSettings
-    from sender_service.settings import SenderSettings
+    from telepathy.pair_service.settings import PairSettings
+    from telepathy.sender_service.settings import SenderSettings
 
     cls = PairSettings if role == "pair" else SenderSettings
     return set(env_vars(cls)) | client | {embedded.CACHE_ENV, embedded.MODEL_FILES_ENV}
@@ -538,18 +794,18 @@ def _known_env(role: str) -> set[str]:
 
 def _settings_for(role: str, env: dict[str, str]):
     """Build the role's real settings object from `env` (raises when a value is refused)."""
-    from rpc.settings import from_sources
+    from telepathy.config import from_sources
 
     if role == "gateway":
-        from gateway.settings import GatewaySettings
+        from telepathy.gateway.settings import GatewaySettings
 
         return GatewaySettings.from_env(env)
     if role == "receiver":
-        from receiver_service.settings import ReceiverSettings
+        from telepathy.receiver_service.settings import ReceiverSettings
 
         return from_sources(ReceiverSettings, env=env)
-    from pair_service.settings import PairSettings
-    from sender_service.settings import SenderSettings
+    from telepathy.pair_service.settings import PairSettings
+    from telepathy.sender_service.settings import SenderSettings
 
     return from_sources(PairSettings if role == "pair" else SenderSettings, env=env)
 
@@ -661,7 +917,7 @@ def _telepathy_argv(shell_cmd: str, env: dict[str, str]) -> list[str]:
 
 
 def test_every_command_parses_with_the_real_cli(compose, k8s, dockerfile):
-    from bridge.cli import build_parser
+    from telepathy.cli import build_parser
 
     _, stages = dockerfile
     parser = build_parser()
@@ -751,10 +1007,10 @@ def _addr_port(addr: str) -> tuple[str, int]:
 
 
 def test_ports_names_and_probes_agree(compose, k8s, kustomization, dockerfile):
-    from gateway.settings import GatewaySettings
-    from pair_service.settings import PairSettings
-    from receiver_service.settings import ReceiverSettings
-    from sender_service.settings import SenderSettings
+    from telepathy.gateway.settings import GatewaySettings
+    from telepathy.pair_service.settings import PairSettings
+    from telepathy.receiver_service.settings import ReceiverSettings
+    from telepathy.sender_service.settings import SenderSettings
 
     _, stages = dockerfile
     ports = {"receiver": ReceiverSettings.port, "sender": SenderSettings.port, "gateway": GatewaySettings.port,
@@ -978,7 +1234,7 @@ def _stop(svc: LocalService, grace_s: float) -> int | None:
 @pytest.mark.timeout(300)
 def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_bridges_dir, tmp_path, blocker_dir):
     """`docker compose --profile cpu up gateway-cpu`, without docker: same commands, same environments."""
-    from bridge.models import TINY_RECEIVER, TINY_SENDER
+    from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
 
     _, stages = dockerfile
     cache = tmp_path / "model-cache"
@@ -1007,7 +1263,7 @@ def test_compose_cpu_profile_serves_a_classification(compose, dockerfile, tiny_b
 def test_compose_pair_profile_serves_a_classification(compose, dockerfile, tiny_bridges_dir, tmp_path, blocker_dir):
     """`docker compose --profile pair up gateway-pair`, without docker and on the CPU: the pair's command and
     environment (TELEPATHY_DEVICE cuda → cpu, the one value this machine cannot honour), then the gateway."""
-    from bridge.models import TINY_RECEIVER, TINY_SENDER
+    from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
 
     _, stages = dockerfile
     cache = tmp_path / "model-cache"
@@ -1032,7 +1288,7 @@ def _start_classify_stop(compose, services: dict[str, LocalService], profile: li
     the gateway with an API key (and not without), run `more()`, then SIGTERM all: each must exit cleanly."""
     import httpx
 
-    from bridge.tasks import TASKS
+    from telepathy.bridge.tasks import TASKS
 
     deadline = time.monotonic() + 240
     healthy: set[str] = set()
@@ -1084,9 +1340,9 @@ def _check_probes_auth_and_dns_target(sender_port: int, receiver_port: int) -> N
     refused; a `dns:///` target (the Kubernetes form of the addresses) dials the same service."""
     import grpc
 
-    from gateway.health import check_grpc
-    from protos.telepathy.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
-    from rpc.channels import ClientSettings, make_sync_channel
+    from telepathy.ops.healthcheck import check_grpc
+    from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
+    from telepathy.serving.channels import ClientSettings, make_sync_channel
 
     no_token = ClientSettings()
     for port in (sender_port, receiver_port):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from telepathy.contract import WIRE_DTYPES  # noqa: E402 - re-exported: the codec is where readers look
+
 _BYTES_PER_VALUE = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 _NUMPY_VIEW = {"fp32": "<f4", "fp16": "<f2", "bf16": "<u2", "int8": "i1"}
 

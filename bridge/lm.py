@@ -39,7 +39,7 @@ class ModelFingerprint:
         return {**asdict(self), "digest": self.digest}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelFingerprint":
+    def from_dict(cls, d: dict) -> ModelFingerprint:
         return cls(**{k: d[k] for k in ("spec", "architecture", "hidden_size", "num_layers", "vocab_size", "vocab_hash")})
 
     def describe(self) -> str:
@@ -70,7 +70,7 @@ class LanguageModel:
         self._fingerprint: ModelFingerprint | None = None
 
     @classmethod
-    def load(cls, spec: str, device: str = "cpu", dtype: torch.dtype | None = None) -> "LanguageModel":
+    def load(cls, spec: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LanguageModel:
         return cls(load_model(spec, device=device, dtype=dtype), device)
 
     # ---- identity -------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import (
@@ -29,6 +30,7 @@ from transformers import (
 )
 
 from telepathy.contract import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402, F401 - re-exported
+
 TINY_SENDER = "random:tiny-llama"
 TINY_RECEIVER = "random:tiny-gemma"
 _TINY_VOCAB_FILE = Path(__file__).resolve().parent / "presets" / "tiny_vocab.json"

@@ -51,7 +51,7 @@ class BridgeConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BridgeConfig":
+    def from_dict(cls, d: dict) -> BridgeConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -19,16 +19,16 @@ import argparse
 import contextlib
 import tempfile
 
-from telepathy.bridge.runtime.engine import SenderEngine, load_bridge_set
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.runtime.engine import SenderEngine, load_bridge_set
+from telepathy.client import ReceiverClient, SenderClient, SoftTokens
 from telepathy.protos.v1 import common_pb2
 from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.client import ReceiverClient, SenderClient, SoftTokens
-from telepathy.testing import ServiceThread, make_untrained_bridges
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.testing import ServiceThread, make_untrained_bridges
 
 TASK = "ag_news"
 MESSAGE = "the striker scored twice in the second half and the home team won the cup"

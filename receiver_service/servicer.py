@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
 import grpc
 
 from telepathy.contract import WIRE_DTYPES

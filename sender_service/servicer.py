@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import time
 import uuid
+
 import grpc
 
 from telepathy.bridge.runtime.engine import BridgeNotFoundError
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
+from telepathy.serving.batcher import BatchTiming, DynamicBatcher
 from telepathy.serving.checks import check_text, require_task
 from telepathy.serving.convert import (
-    VERSION, bridge_info, limits, micros, model_info, tensor_to_pb, wire_dtype_from_pb,
+    VERSION,
+    bridge_info,
+    limits,
+    micros,
+    model_info,
+    tensor_to_pb,
+    wire_dtype_from_pb,
 )
-from telepathy.serving.batcher import BatchTiming, DynamicBatcher
 from telepathy.serving.errors import ServiceError, grpc_method, invalid
 from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
 from telepathy.serving.metrics import ServiceMetrics

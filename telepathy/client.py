@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
-
 from telepathy.serving.channels import ClientSettings, call_timeout, make_sync_channel
 
 _DTYPES = {"fp32": common_pb2.DTYPE_FP32, "fp16": common_pb2.DTYPE_FP16, "bf16": common_pb2.DTYPE_BF16,
@@ -37,7 +36,7 @@ class Classification:
     bridge_id: str = ""
 
     @classmethod
-    def from_pb(cls, r: common_pb2.ClassifyResult) -> "Classification":
+    def from_pb(cls, r: common_pb2.ClassifyResult) -> Classification:
         return cls(r.request_id, r.task, r.label, r.label_index, {s.label: s.probability for s in r.scores},
                    dict(r.timings_us), r.bridge_id)
 
@@ -72,11 +71,11 @@ class SoftTokens:
                                      bridge_fingerprint=self.fingerprint, tokens=self.tokens)
 
     @classmethod
-    def from_pb(cls, st: common_pb2.SoftTokens) -> "SoftTokens":
+    def from_pb(cls, st: common_pb2.SoftTokens) -> SoftTokens:
         return cls(st.task, st.bridge_id, st.bridge_fingerprint, st.tokens, st.request_id)
 
     @classmethod
-    def from_latents(cls, latents, task: str, fingerprint: str, bridge_id: str = "", wire_dtype: str = "int8") -> "SoftTokens":
+    def from_latents(cls, latents, task: str, fingerprint: str, bridge_id: str = "", wire_dtype: str = "int8") -> SoftTokens:
         """An agent's own bridge-encoder output [K, d_wire] (torch tensor) → SoftTokens (quantized like the sender)."""
         from telepathy.bridge.codec import encode  # torch only for agents that bring their own tensors
 

@@ -15,8 +15,9 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,7 +36,7 @@ def free_port() -> int:
 
 
 class ServiceThread:
-    def __init__(self, factory: Callable[[], "object"], name: str = "service"):
+    def __init__(self, factory: Callable[[], object], name: str = "service"):
         self._factory = factory
         self.service = None
         self.port: int | None = None
@@ -46,7 +47,7 @@ class ServiceThread:
     async def _create(self):
         return self._factory()
 
-    def start(self, timeout: float = 300.0, wait: bool = True) -> "ServiceThread":
+    def start(self, timeout: float = 300.0, wait: bool = True) -> ServiceThread:
         """Build the service on the loop and start it; wait=False returns as soon as start() is under way."""
         self._thread.start()
         self.service = self.call(self._create(), timeout)
@@ -77,7 +78,7 @@ class ServiceThread:
         if not self._loop.is_running():
             self._loop.close()
 
-    def __enter__(self) -> "ServiceThread":
+    def __enter__(self) -> ServiceThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -133,7 +134,7 @@ class GatewayThread:
     The app (and its grpc.aio channels, created in the lifespan) lives on the thread's own event loop.
     """
 
-    def __init__(self, settings: "GatewaySettings", access_log: bool = False):
+    def __init__(self, settings: GatewaySettings, access_log: bool = False):
         import uvicorn  # the gateway extra; the service harness above works without it
 
         from telepathy.gateway.app import build_app
@@ -146,7 +147,7 @@ class GatewayThread:
         self._thread = threading.Thread(target=self.server.run, daemon=True, name="gateway-uvicorn")
         self.port: int | None = None
 
-    def start(self, timeout: float = 30.0) -> "GatewayThread":
+    def start(self, timeout: float = 30.0) -> GatewayThread:
         if self.port is not None:  # already started (e.g. `with GatewayThread(...).start() as gw:`)
             return self
         self._thread.start()
@@ -168,7 +169,7 @@ class GatewayThread:
         self.server.should_exit = True
         self._thread.join(timeout)
 
-    def __enter__(self) -> "GatewayThread":
+    def __enter__(self) -> GatewayThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

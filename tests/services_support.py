@@ -16,15 +16,15 @@ import pytest
 
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.pair_service.app import build_pair
+from telepathy.pair_service.settings import PairSettings
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
 from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.serving.channels import ClientSettings, make_sync_channel
-from telepathy.testing import ServiceThread, free_port, wait_until_serving  # noqa: F401  (free_port: for the tests)
-from telepathy.pair_service.app import build_pair
-from telepathy.pair_service.settings import PairSettings
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.serving.channels import ClientSettings, make_sync_channel
+from telepathy.testing import ServiceThread, free_port, wait_until_serving  # noqa: F401  (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0  # generous per-call deadline: the test machine is shared and busy
@@ -135,7 +135,7 @@ class ServiceProcess:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=clean, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_serving(self, timeout: float = 120.0, settings: ClientSettings | None = None) -> "ServiceProcess":
+    def wait_serving(self, timeout: float = 120.0, settings: ClientSettings | None = None) -> ServiceProcess:
         try:
             wait_until_serving(self.address, settings, timeout, alive=lambda: self.proc.poll() is None)
         except Exception:  # noqa: BLE001 - any start-up failure reads as this assertion, with the service's log

@@ -9,15 +9,14 @@ import socket
 import matplotlib.image
 import pytest
 
-from telepathy.cli import main
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
-from telepathy.testing import GatewayThread
+from telepathy.cli import main
 from telepathy.gateway.settings import GatewaySettings
 from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.testing import ServiceThread, make_untrained_bridges
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.testing import GatewayThread, ServiceThread, make_untrained_bridges
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_wrong_receiver_names_both_fingerprints(saved, tiny_sender, tiny_receive
     with pytest.raises(FingerprintMismatch) as err:
         load_adapter(meta.path, other)
     msg = str(err.value)
-    assert f"trained for receiver random:tiny-gemma" in msg and tiny_receiver.fingerprint().digest in msg
+    assert "trained for receiver random:tiny-gemma" in msg and tiny_receiver.fingerprint().digest in msg
     assert "but the loaded receiver is random:other" in msg and other.digest in msg
 
 

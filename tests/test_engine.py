@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from telepathy.bridge.codec import decode_batch
-from telepathy.bridge.runtime.engine import BridgeNotFoundError, ReceiverEngine, SenderEngine, load_bridge_set
 from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.runtime.engine import BridgeNotFoundError, ReceiverEngine, SenderEngine, load_bridge_set
 from telepathy.bridge.tasks import UnknownTaskError
 from tests.conftest import make_tiny_bridges
 

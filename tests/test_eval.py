@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.tasks import get_task
 from telepathy.bridge.training.baselines import PromptIds, PromptTuningRun, linear_probe, pick_shots, prompt_split
-from telepathy.cli import main as cli
 from telepathy.bridge.training.data import load_split, train_validation_split
 from telepathy.bridge.training.evaluate import METHODS
 from telepathy.bridge.training.hidden_cache import StatesStore
-from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
 from telepathy.bridge.training.report import markdown_table, write_report
-from telepathy.bridge.tasks import get_task
 from telepathy.bridge.training.train import TrainConfig, train_bridges
+from telepathy.cli import main as cli
 
 TINY = dict(sender=TINY_SENDER, receiver=TINY_RECEIVER, soft_tokens=4, d_model=32, num_heads=4, d_wire=16,
             batch_size=12, validation_size=24, train_limit=60, warmup_steps=2, lr=3e-3, eval_every=4,

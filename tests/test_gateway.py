@@ -15,15 +15,14 @@ import socket
 import httpx
 import pytest
 
-from telepathy.cli import main
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
-from telepathy.testing import GatewayThread
+from telepathy.cli import main
 from telepathy.gateway.settings import GatewaySettings
 from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.testing import ServiceThread, make_untrained_bridges
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.testing import GatewayThread, ServiceThread, make_untrained_bridges
 
 TOKEN = "gateway-test-token"
 SENDER_MAX_TEXT = 2000  # below the gateway's 4000: texts in between reach the sender and come back INVALID_ARGUMENT

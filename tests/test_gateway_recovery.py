@@ -12,13 +12,12 @@ import httpx
 import pytest
 
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
-from telepathy.testing import GatewayThread
 from telepathy.gateway.settings import GatewaySettings
 from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
-from telepathy.testing import ServiceThread, make_untrained_bridges
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.testing import GatewayThread, ServiceThread, make_untrained_bridges
 
 SST2 = {"text": "a gripping , beautifully acted film", "task": "sst2"}
 UNAVAILABLE = {"error": {"type": "service_unavailable", "message": "the sender service is unavailable; retry later",

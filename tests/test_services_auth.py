@@ -11,14 +11,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from telepathy.cli import main as telepathy
+from telepathy.config import SettingsError
 from telepathy.protos.v1 import receiver_pb2, sender_pb2
 from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.sender_service.settings import SenderSettings
 from telepathy.serving.auth import UNAUTHENTICATED_MESSAGE
 from telepathy.serving.channels import ClientSettings, make_sync_channel
-from telepathy.config import SettingsError
-from telepathy.sender_service.settings import SenderSettings
 from tests.services_support import (
-    TIMEOUT, assert_status, metric, receiver_stub, relay, rpc_error, sender_stub, start_receiver, start_sender,
+    TIMEOUT,
+    assert_status,
+    metric,
+    receiver_stub,
+    relay,
+    rpc_error,
+    sender_stub,
+    start_receiver,
+    start_sender,
 )
 
 C = grpc.StatusCode

@@ -16,7 +16,16 @@ from telepathy.receiver_service.settings import ReceiverSettings
 from telepathy.serving.channels import make_sync_channel
 from telepathy.testing import ServiceThread
 from tests.services_support import (
-    TIMEOUT, assert_status, free_port, metric, receiver_stub, relay, rpc_error, sender_stub, start_receiver, start_sender,
+    TIMEOUT,
+    assert_status,
+    free_port,
+    metric,
+    receiver_stub,
+    relay,
+    rpc_error,
+    sender_stub,
+    start_receiver,
+    start_sender,
     wait_for,
 )
 

@@ -12,8 +12,18 @@ import pytest
 from telepathy.protos.v1 import receiver_pb2, sender_pb2
 from telepathy.serving.batcher import DeadlineExpiredError, DynamicBatcher, QueueFullError
 from tests.services_support import (
-    TIMEOUT, assert_status, classify_request, metric, receiver_stub, relay, rpc_error, sender_stub, soft_tokens_for,
-    start_receiver, start_sender, wait_for,
+    TIMEOUT,
+    assert_status,
+    classify_request,
+    metric,
+    receiver_stub,
+    relay,
+    rpc_error,
+    sender_stub,
+    soft_tokens_for,
+    start_receiver,
+    start_sender,
+    wait_for,
 )
 
 C = grpc.StatusCode

@@ -12,7 +12,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
 from telepathy.serving.channels import make_sync_channel
 from tests.services_support import (
-    TIMEOUT, assert_status, field_trailer, metric, receiver_stub, relay, rpc_error, sender_stub, start_pair,
+    TIMEOUT,
+    assert_status,
+    field_trailer,
+    metric,
+    receiver_stub,
+    relay,
+    rpc_error,
+    sender_stub,
+    start_pair,
 )
 from tests.test_services_roundtrip import reference  # noqa: F401  (fixture: the in-process engines)
 

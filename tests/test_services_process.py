@@ -10,8 +10,18 @@ import pytest
 
 from telepathy.protos.v1 import sender_pb2
 from tests.services_support import (
-    TIMEOUT, ServiceProcess, assert_status, free_port, metric, relay, rpc_error, scrape, sender_stub, start_receiver,
-    start_sender, wait_for,
+    TIMEOUT,
+    ServiceProcess,
+    assert_status,
+    free_port,
+    metric,
+    relay,
+    rpc_error,
+    scrape,
+    sender_stub,
+    start_receiver,
+    start_sender,
+    wait_for,
 )
 
 C = grpc.StatusCode

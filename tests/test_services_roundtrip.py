@@ -14,11 +14,20 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from telepathy.bridge.codec import decode_batch
 from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
+from telepathy.client import ReceiverClient, SenderClient
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
 from telepathy.serving.channels import make_sync_channel
-from telepathy.client import ReceiverClient, SenderClient
 from tests.services_support import (
-    ROOT, TIMEOUT, free_port, metric, receiver_stub, relay, scrape, sender_stub, start_receiver, start_sender,
+    ROOT,
+    TIMEOUT,
+    free_port,
+    metric,
+    receiver_stub,
+    relay,
+    scrape,
+    sender_stub,
+    start_receiver,
+    start_sender,
 )
 
 TIMING_KEYS = {"sender_queue", "sender_model", "wire", "receiver_queue", "receiver_model", "total"}

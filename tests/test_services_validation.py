@@ -10,8 +10,17 @@ import pytest
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
 from telepathy.testing import make_untrained_bridges
 from tests.services_support import (
-    TIMEOUT, assert_status, classify_request, field_trailer, receiver_stub, relay, rpc_error, sender_stub,
-    soft_tokens_for, start_receiver, start_sender,
+    TIMEOUT,
+    assert_status,
+    classify_request,
+    field_trailer,
+    receiver_stub,
+    relay,
+    rpc_error,
+    sender_stub,
+    soft_tokens_for,
+    start_receiver,
+    start_sender,
 )
 
 C = grpc.StatusCode

@@ -12,9 +12,9 @@ import pytest
 
 from telepathy.bridge.checkpoint import find_bridges, read_meta
 from telepathy.bridge.classify import Classifier, shipped_bridge_dir
-from telepathy.bridge.training.data import load_split
 from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
 from telepathy.bridge.tasks import TASKS
+from telepathy.bridge.training.data import load_split
 
 pytestmark = [
     pytest.mark.realmodel,

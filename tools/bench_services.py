@@ -1,6 +1,6 @@
 """Benchmark the sender and receiver services: per-stage latency (p50/p99) and wire bytes, per wire dtype.
 
-Starts both services in this process on loopback (rpc.harness.ServiceThread) — or, with --processes, as two
+Starts both services in this process on loopback (telepathy.testing.ServiceThread) — or, with --processes, as two
 `telepathy serve` processes like a deployment (no GIL shared with each other or with the client); with --pair,
 one `telepathy serve pair` (both models in one service, the bridge path fused into one model call) — then for each
 wire dtype sends

@@ -8,7 +8,8 @@ install_error_handlers(app) renders all of them — and Starlette's own 404/405 
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
@@ -111,7 +112,7 @@ def error_from_grpc(exc: grpc.RpcError, service: str) -> GatewayError:
 _FIELD_TO_PARAM = {"text": "text", "task": "task", "bridge_id": "task", "path": "path"}
 
 
-def _param_from_trailer(exc: grpc.RpcError) -> Optional[str]:
+def _param_from_trailer(exc: grpc.RpcError) -> str | None:
     try:
         trailer = exc.trailing_metadata() or ()
     except Exception:  # noqa: BLE001 - a call that never started has no trailers

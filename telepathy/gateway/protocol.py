@@ -5,7 +5,7 @@ These models are the public contract of /v1/*; FastAPI derives the OpenAPI schem
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,8 +61,8 @@ class ClassifyResponse(BaseModel):
     timings_ms: Timings
     wire_bytes: int = Field(description="payload bytes the sender sent to the receiver (soft-token tensor or relay text)")
     request_id: str
-    bridge_id: Optional[str] = Field(None, description="bridge that made the soft tokens (bridge path)")
-    relay_text: Optional[str] = Field(None, description="what the sender told the receiver (text path)")
+    bridge_id: str | None = Field(None, description="bridge that made the soft tokens (bridge path)")
+    relay_text: str | None = Field(None, description="what the sender told the receiver (text path)")
 
 
 class CompareResponse(BaseModel):
@@ -78,7 +78,7 @@ class CompareResponse(BaseModel):
 class TaskInfo(BaseModel):
     name: str
     labels: list[str]
-    bridge: Optional[bool] = Field(None, description="the sender has a bridge for this task (null: sender unreachable)")
+    bridge: bool | None = Field(None, description="the sender has a bridge for this task (null: sender unreachable)")
 
 
 class TasksResponse(BaseModel):
@@ -88,12 +88,12 @@ class TasksResponse(BaseModel):
 class ServiceInfo(BaseModel):
     address: str
     status: str = Field(description="grpc.health.v1 status (SERVING, NOT_SERVING, …) or UNAVAILABLE/UNKNOWN")
-    model: Optional[str] = None
-    architecture: Optional[str] = None
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    version: Optional[str] = None
-    bridges: Optional[list[str]] = None
+    model: str | None = None
+    architecture: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    version: str | None = None
+    bridges: list[str] | None = None
 
 
 class InfoResponse(BaseModel):
@@ -117,7 +117,7 @@ class ReadyResponse(BaseModel):
 class ErrorDetail(BaseModel):
     type: str = Field(description="stable machine-readable kind, e.g. not_found_error")
     message: str
-    param: Optional[str] = Field(None, description="the offending request field, when there is one")
+    param: str | None = Field(None, description="the offending request field, when there is one")
 
 
 class ErrorResponse(BaseModel):

@@ -15,21 +15,21 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from telepathy.contract import VERSION
 from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
-from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
-from telepathy.serving.channels import ClientSettings, make_channel
-
+from telepathy.contract import VERSION
 from telepathy.gateway import protocol
 from telepathy.gateway.errors import UPSTREAM_MESSAGES, GatewayError, error_from_grpc
 from telepathy.gateway.settings import GatewaySettings
+from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
+from telepathy.serving.channels import ClientSettings, make_channel
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class ServiceClients:
 # The service behind the routes.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _model_fields(model: Any) -> dict[str, Optional[str]]:
+def _model_fields(model: Any) -> dict[str, str | None]:
     """common_pb2.ModelInfo → ServiceInfo fields; proto3 empty strings become null (unknown)."""
     return {"model": model.spec or None, "architecture": model.architecture or None,
             "device": model.device or None, "dtype": model.dtype or None}

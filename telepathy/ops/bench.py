@@ -16,7 +16,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 import numpy as np
@@ -60,16 +60,16 @@ class Sample:
     latency_ms: float
     timings_ms: dict[str, float] = field(default_factory=dict)
     wire_bytes: int = 0
-    correct: Optional[bool] = None
+    correct: bool | None = None
     error: str = ""
 
 
-def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> list[tuple[str, Optional[int]]]:
+def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> list[tuple[str, int | None]]:
     """(text, label or None) pairs: the task's test split by default, or a JSONL / plain-text file."""
     if not texts_file:
         from telepathy.bridge.training.data import load_split
         return [(ex.text, ex.label) for ex in load_split(task, "test", limit=limit)]
-    rows: list[tuple[str, Optional[int]]] = []
+    rows: list[tuple[str, int | None]] = []
     with open(texts_file, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
@@ -87,7 +87,7 @@ def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> lis
     return rows
 
 
-def percentiles(latencies: list[float]) -> dict[str, Optional[float]]:
+def percentiles(latencies: list[float]) -> dict[str, float | None]:
     if not latencies:
         return {k: None for k in ("p50", "p95", "p99", "mean", "min", "max", "std")}
     a = np.asarray(latencies, dtype=np.float64)
@@ -123,7 +123,7 @@ def summarize(samples: list[Sample], wall_s: float) -> dict[str, Any]:
     }
 
 
-async def _one(client: httpx.AsyncClient, task: str, path: str, text: str, label: Optional[int],
+async def _one(client: httpx.AsyncClient, task: str, path: str, text: str, label: int | None,
                labels: tuple[str, ...]) -> Sample:
     start = time.perf_counter()
     try:
@@ -142,10 +142,10 @@ async def _one(client: httpx.AsyncClient, task: str, path: str, text: str, label
     return Sample(True, 200, latency, body.get("timings_ms", {}), int(body.get("wire_bytes", 0)), correct)
 
 
-async def _drive(client: httpx.AsyncClient, cfg: BenchConfig, path: str, items: list[tuple[str, Optional[int]]],
-                 bar: Optional[tqdm]) -> tuple[list[Sample], float]:
+async def _drive(client: httpx.AsyncClient, cfg: BenchConfig, path: str, items: list[tuple[str, int | None]],
+                 bar: tqdm | None) -> tuple[list[Sample], float]:
     labels = get_task(cfg.task).labels
-    samples: list[Optional[Sample]] = [None] * len(items)
+    samples: list[Sample | None] = [None] * len(items)
     next_index = 0
 
     async def worker() -> None:
@@ -201,12 +201,12 @@ async def run_bench_async(cfg: BenchConfig) -> dict[str, Any]:
     return report
 
 
-def _speedup(paths: dict[str, dict[str, Any]]) -> Optional[dict[str, Optional[float]]]:
+def _speedup(paths: dict[str, dict[str, Any]]) -> dict[str, float | None] | None:
     """How many times faster the bridge path is than the text path (> 1: bridge faster)."""
     if "bridge" not in paths or "text" not in paths:
         return None
     b, t = paths["bridge"], paths["text"]
-    out: dict[str, Optional[float]] = {}
+    out: dict[str, float | None] = {}
     for k in ("p50", "p95", "p99", "mean"):
         bv, tv = b["latency_ms"][k], t["latency_ms"][k]
         out[k] = round(tv / bv, 3) if bv and tv else None
@@ -274,7 +274,7 @@ def format_report(report: dict[str, Any]) -> str:
     for path, s in report["paths"].items():
         lat = s["latency_ms"]
 
-        def f(v: Optional[float], spec: str = "9.1f") -> str:
+        def f(v: float | None, spec: str = "9.1f") -> str:
             return format(v, spec) if v is not None else f"{'-':>{spec.split('.')[0]}}"
         lines.append(f"{path:<7} {s['ok']:>5} {s['errors']:>4} {f(lat['p50'])} {f(lat['p95'])} {f(lat['p99'])} "
                      f"{f(lat['mean'])} {f(s['throughput_rps'], '8.2f')} {f(s['wire_bytes_mean'], '8.0f')} "

@@ -28,13 +28,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Optional
+from typing import IO
 
 import httpx
 
+from telepathy.config import SHIPPED_BRIDGES
+
 # torch-free sources of the same constants as bridge.engine / bridge.models: the launcher never loads a model.
 from telepathy.receiver_service.settings import DEFAULT_RECEIVER
-from telepathy.config import SHIPPED_BRIDGES
 from telepathy.sender_service.settings import DEFAULT_SENDER
 
 LOOPBACK = "127.0.0.1"
@@ -110,7 +111,7 @@ class Launcher:
         self.procs: dict[str, subprocess.Popen] = {}
         self.pumps: list[threading.Thread] = []
         self.stop_requested = threading.Event()
-        self.stop_signal: Optional[int] = None
+        self.stop_signal: int | None = None
 
     # -- commands ----------------------------------------------------------------------------------------------
     def commands(self) -> dict[str, list[str]]:
@@ -196,13 +197,13 @@ class Launcher:
         for line in proc.stdout:
             self.console.line(name, line.rstrip("\n"))
 
-    def _dead(self) -> Optional[str]:
+    def _dead(self) -> str | None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 return name
         return None
 
-    def wait_ready(self) -> Optional[int]:
+    def wait_ready(self) -> int | None:
         """None once /readyz says 200; else the exit code to leave with."""
         deadline = time.monotonic() + self.config.startup_timeout_s
         last_note = time.monotonic()

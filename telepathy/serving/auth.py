@@ -12,8 +12,8 @@ torch-free: the gateway imports this.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 

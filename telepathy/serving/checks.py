@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 
 from telepathy.bridge.tasks import TaskSpec, UnknownTaskError, get_task
-
 from telepathy.serving.errors import ServiceError, invalid
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from telepathy.bridge.checkpoint import BridgeMeta
 from telepathy.bridge.codec import WireFormatError, WireTensor
 from telepathy.bridge.lm import LanguageModel
+from telepathy.config import ServiceSettings
 from telepathy.contract import VERSION  # noqa: F401 - re-exported for the servicers
 from telepathy.protos.v1 import common_pb2
-
 from telepathy.serving.errors import invalid
-from telepathy.config import ServiceSettings
 
 DTYPE_TO_PB = {
     "fp32": common_pb2.DTYPE_FP32,

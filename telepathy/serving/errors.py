@@ -20,7 +20,6 @@ from telepathy.bridge.checkpoint import FingerprintMismatch
 from telepathy.bridge.codec import WireFormatError
 from telepathy.bridge.runtime.engine import BridgeNotFoundError
 from telepathy.bridge.tasks import UnknownTaskError
-
 from telepathy.contract import FIELD_TRAILER
 from telepathy.serving.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 

@@ -16,15 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from telepathy.bridge.runtime.engine import BridgeSet, load_bridge_set
 from telepathy.bridge.lm import LanguageModel
-
+from telepathy.bridge.runtime.engine import BridgeSet, load_bridge_set
+from telepathy.config import ServiceSettings
 from telepathy.serving.batcher import DynamicBatcher
 from telepathy.serving.convert import VERSION
 from telepathy.serving.errors import unavailable
 from telepathy.serving.metrics import ServiceMetrics
 from telepathy.serving.server import GrpcServer
-from telepathy.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

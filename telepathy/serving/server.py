@@ -8,16 +8,16 @@ good once `stop` begins) and server reflection. The service adds its own service
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from telepathy.config import ServiceSettings
 from telepathy.serving.auth import TokenAuthInterceptor, server_credentials
 from telepathy.serving.channels import server_options
 from telepathy.serving.metrics import ServiceMetrics
-from telepathy.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 

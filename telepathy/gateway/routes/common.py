@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from fastapi import Depends, Request
 from fastapi.params import Depends as DependsMarker
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -23,8 +21,8 @@ def api_key_dependency(settings: GatewaySettings) -> DependsMarker:
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key")
 
     async def require_api_key(request: Request,
-                              _bearer: Optional[HTTPAuthorizationCredentials] = Depends(bearer),
-                              x_api_key: Optional[str] = Depends(api_key_header)) -> None:
+                              _bearer: HTTPAuthorizationCredentials | None = Depends(bearer),
+                              x_api_key: str | None = Depends(api_key_header)) -> None:
         check_api_key(settings.api_keys, request.headers.get("authorization"), x_api_key)
 
     return Depends(require_api_key)

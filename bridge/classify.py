@@ -16,13 +16,21 @@ from pathlib import Path
 
 import torch
 
-from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, FingerprintMismatch, find_bridges, load_adapter, load_encoder, read_meta
+from telepathy.bridge.checkpoint import (
+    BridgeMeta,
+    CheckpointError,
+    FingerprintMismatch,
+    find_bridges,
+    load_adapter,
+    load_encoder,
+    read_meta,
+)
 from telepathy.bridge.codec import WIRE_DTYPES, decode_batch
-from telepathy.bridge.runtime.engine import SHIPPED_BRIDGES, BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
-from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
-from telepathy.bridge.training.train import DEFAULT_WIRE_DTYPE, default_device, fail
+from telepathy.bridge.runtime.engine import SHIPPED_BRIDGES, BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
+from telepathy.bridge.tasks import UnknownTaskError, get_task
+from telepathy.bridge.training.train import DEFAULT_WIRE_DTYPE, fail, resolve_device
 
 
 def shipped_bridge_dir(task: str, sender: str = DEFAULT_SENDER, receiver: str = DEFAULT_RECEIVER,
@@ -57,20 +65,10 @@ class Classifier:
         return probs.float().cpu(), meta, wire[0].nbytes
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("classify", help="classify a text in-process (default pair + shipped bridge)")
-    p.add_argument("text", help="the text to classify")
-    p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASKS))}")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--bridge", default=None, help="bridge checkpoint folder (default: the shipped one for the task)")
-    p.add_argument("--sender", default=None, help=f"sender spec (default {DEFAULT_SENDER}, or the bridge's)")
-    p.add_argument("--receiver", default=None, help=f"receiver spec (default {DEFAULT_RECEIVER}, or the bridge's)")
-    p.add_argument("--wire-dtype", default=DEFAULT_WIRE_DTYPE, choices=WIRE_DTYPES, help="wire dtype (default %(default)s)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.set_defaults(func=_classify_command)
+# `telepathy classify`: the arguments are in telepathy.commands (torch-free, for a fast `--help`).
 
 
-def _classify_command(args: argparse.Namespace) -> int:
+def classify_command(args: argparse.Namespace) -> int:
     try:
         spec = get_task(args.task)
     except UnknownTaskError as exc:
@@ -97,7 +95,7 @@ def _classify_command(args: argparse.Namespace) -> int:
     if args.bridge:
         sender_spec = args.sender or meta.training.get("sender") or meta.sender.spec
         receiver_spec = args.receiver or meta.training.get("receiver") or meta.receiver.spec
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     try:
         sender = LanguageModel.load(sender_spec, device=device)
         receiver = LanguageModel.load(receiver_spec, device=device)

@@ -1,13 +1,18 @@
-"""The `telepathy` entry point itself: version, help, the models listing."""
+"""The `telepathy` entry point itself: version, help, the models listing, a parser that imports nothing heavy,
+and clear errors where a command's extra is not installed."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+
+from telepathy.cli import COMMANDS, build_parser, main
+from telepathy.commands import EVAL_METHODS
 from telepathy.contract import VERSION as __version__
-from telepathy.cli import main
 
 
 def test_version():
@@ -32,3 +37,96 @@ def test_models_table(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("preset") and "gemma-3-270m" in out and "random:tiny-llama" in out
+
+
+COMMAND_NAMES = ["models", "serve", "gateway", "up", "bench", "healthcheck", "train", "eval", "classify", "report"]
+# Importing the parser and every command's --help must not load the model stack (nor the plotting one).
+HEAVY = ("torch", "transformers", "safetensors", "matplotlib")
+
+
+def test_version_of_the_console_script():
+    script = Path(sys.executable).with_name("telepathy")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout == f"telepathy {__version__}\n"
+
+
+def test_every_command_is_in_the_table_and_the_help(capsys):
+    assert list(COMMANDS) == COMMAND_NAMES
+    text = build_parser().format_help()
+    assert all(name in text for name in COMMAND_NAMES)
+    for name in COMMAND_NAMES:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: telepathy {name}")
+
+
+def test_parser_and_every_help_import_nothing_heavy():
+    code = f"""
+import contextlib, io, sys
+from telepathy.cli import build_parser, main
+build_parser()
+for name in {COMMAND_NAMES!r}:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main([name, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, (name, exc.code)
+    assert out.getvalue().startswith("usage: telepathy " + name), name
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+loaded = sorted(m for m in {HEAVY!r} if m in sys.modules)
+assert not loaded, loaded
+assert "torch" not in sys.modules and "transformers" not in sys.modules
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "transformers", "matplotlib", "tqdm", "safetensors", "filelock"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.mark.parametrize(("argv", "extra"), [
+    (["train", "--task", "sst2", "--out", "OUT"], "train"),
+    (["eval", "--task", "sst2", "--out", "OUT/r.json"], "train"),
+    (["report", "--results", "OUT"], "train"),
+    (["classify", "--task", "sst2", "a fine film"], "serve"),
+    (["models"], "serve"),
+])
+def test_a_command_without_its_extra_fails_clearly(tmp_path, argv, extra):
+    """Without torch (the gateway image): --help works, running says what to install, exit 2."""
+    argv = [a.replace("OUT", str(tmp_path)) for a in argv]
+    code = BLOCKER + f"""
+import contextlib, io
+from telepathy.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main([{argv[0]!r}, "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+sys.exit(main({argv!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    package = r.stderr.split("'")[1]
+    assert package in ("torch", "transformers", "filelock", "safetensors", "tqdm", "matplotlib"), r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"telepathy {argv[0]}: error: this command needs the Python package {package!r}, which is not installed "
+        f"here; install it with: pip install 'telepathy-llm[{extra}]'")
+
+
+def test_eval_help_lists_the_evaluated_methods():
+    from telepathy.bridge.training.evaluate import METHODS
+
+    assert EVAL_METHODS == METHODS

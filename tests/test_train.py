@@ -1,18 +1,23 @@
 """Bridge training on the tiny random pair: the loss falls, runs are deterministic and resumable, training builds
-the receiver input exactly as serving does, the hidden-state cache is faithful, and bad CLI input fails clearly."""
+the receiver input exactly as serving does, the hidden-state cache is faithful, bad CLI input fails clearly, and
+the run-config file train writes reproduces the run (`--config`, command-line options over it)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from telepathy.bridge.checkpoint import load_bridge, read_meta
-from telepathy.cli import main as cli
-from telepathy.bridge.training.data import load_split
-from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
-from telepathy.bridge.training.hidden_cache import SenderStates, StatesStore, compute_sender_states, sender_states
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.runtime.engine import ReceiverEngine, SenderEngine, load_bridge_set
+from telepathy.bridge.training.config import RUN_CONFIG_FILE, read_run_config
+from telepathy.bridge.training.data import load_split
+from telepathy.bridge.training.hidden_cache import SenderStates, StatesStore, compute_sender_states, sender_states
 from telepathy.bridge.training.train import (
     TrainConfig,
     batch_similarity,
@@ -21,6 +26,7 @@ from telepathy.bridge.training.train import (
     train_bridges,
     train_jointly,
 )
+from telepathy.cli import main as cli
 
 TINY = dict(sender=TINY_SENDER, receiver=TINY_RECEIVER, soft_tokens=4, d_model=32, num_heads=4, d_wire=16,
             batch_size=12, validation_size=24, train_limit=120, warmup_steps=3, lr=3e-3, eval_every=5,
@@ -205,6 +211,7 @@ def test_resume_cli_finishes_a_cut_run(tmp_path, tiny_sender, tiny_receiver, cap
     assert cli(argv) == 0
     meta = read_meta(tmp_path)
     assert [h["step"] for h in meta.training["validation_history"]] == [3, 6]
+    assert read_run_config(tmp_path / RUN_CONFIG_FILE)["steps"] == 6  # written once the resumed run is done
 
 
 @pytest.mark.slow
@@ -225,3 +232,107 @@ def test_real_pair_trains_a_few_steps(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     assert (tmp_path / "b" / "model.safetensors").stat().st_size <= 10 * 1000 * 1000
     load_bridge(tmp_path / "b", sender.fingerprint(), receiver.fingerprint())
+
+
+# --------------------------------------------------------------------------------------------- run-config files
+
+CONFIG_ARGV = ["train", "--task", "sst2", "--steps", "3", "--eval-every", "3", *TINY_CLI]
+
+
+@pytest.fixture(scope="module")
+def trained_with_cli(tmp_path_factory) -> Path:
+    """One tiny bridge trained through the CLI: its out folder holds train_config.yaml."""
+    out = tmp_path_factory.mktemp("cli-run") / "a"
+    assert cli([*CONFIG_ARGV, "--out", str(out)]) == 0
+    return out
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_train_writes_its_full_config(trained_with_cli):
+    path = trained_with_cli / RUN_CONFIG_FILE
+    values = read_run_config(path)
+    assert list(values) == [*(f.name for f in fields(TrainConfig)), "dtype"]  # every field, in order
+    # TINY_CLI's options, TrainConfig's defaults for the rest
+    expected = TrainConfig(task="sst2", **{**TINY, "steps": 3, "eval_every": 3, "train_limit": 60, "warmup_steps": 50,
+                                           "lr": 2e-4, "checkpoint_every": 200})
+    assert values == {**expected.to_dict(), "dtype": "float32"}
+    text = path.read_text()
+    assert text.startswith("# telepathy ") and "sender_layer: null  # None: round(0.8 × sender layers) = 3" in text
+    assert read_meta(trained_with_cli).training["steps"] == 3
+
+
+def test_train_prints_the_config_path(tmp_path, capsys):
+    assert cli([*CONFIG_ARGV, "--out", str(tmp_path / "b")]) == 0
+    assert f"run config: {tmp_path / 'b' / RUN_CONFIG_FILE}\n" in capsys.readouterr().out
+
+
+def test_config_file_reproduces_the_run(trained_with_cli, tmp_path):
+    """`--config` alone (no --task, no model options) trains the same bridge: same weights, same metrics."""
+    again = tmp_path / "again"
+    assert cli(["train", "--config", str(trained_with_cli / RUN_CONFIG_FILE), "--out", str(again), "--no-cache",
+                "--no-progress"]) == 0
+    first, second = _tensors(trained_with_cli), _tensors(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    a, b = read_meta(trained_with_cli), read_meta(again)
+    assert a.bridge_id == b.bridge_id
+    for key in ("validation_accuracy", "best_step", "validation_history", "steps", "seed", "lr", "train_rows"):
+        assert a.training[key] == b.training[key], key
+    diagnostics = lambda d: (d / "diagnostics.jsonl").read_text()  # noqa: E731
+    assert diagnostics(trained_with_cli) == diagnostics(again)
+    assert (again / RUN_CONFIG_FILE).read_text() == (trained_with_cli / RUN_CONFIG_FILE).read_text()
+
+
+def test_command_line_options_beat_the_config_file(trained_with_cli, tmp_path):
+    out = tmp_path / "over"
+    assert cli(["train", "--config", str(trained_with_cli / RUN_CONFIG_FILE), "--steps", "4", "--seed", "1",
+                "--eval-every", "2", "--out", str(out), "--no-cache", "--no-progress"]) == 0
+    training = read_meta(out).training
+    assert training["steps"] == 4 and training["seed"] == 1
+    assert [h["step"] for h in training["validation_history"]] == [2, 4]
+    written = read_run_config(out / RUN_CONFIG_FILE)
+    original = read_run_config(trained_with_cli / RUN_CONFIG_FILE)
+    assert {k: v for k, v in written.items() if v != original[k]} == {"steps": 4, "seed": 1, "eval_every": 2}
+
+
+def test_a_hand_written_config_file(tmp_path):
+    """A file names only what it changes; YAML's `3e-3` (a string to YAML 1.1) is read as the number."""
+    path = tmp_path / "run.yaml"
+    path.write_text("task: trec\nsteps: 2\neval_every: 2\nlr: 3e-3\nbatch_size: 12\n")
+    out = tmp_path / "b"
+    assert cli(["train", "--config", str(path), "--out", str(out), *TINY_CLI]) == 0
+    training = read_meta(out).training
+    assert training["lr"] == 0.003 and training["steps"] == 2 and read_meta(out).task == "trec"
+
+
+def test_bad_config_files_fail_clearly(tmp_path, capsys):
+    def error(path: Path, *argv: str) -> str:
+        assert cli(["train", "--config", str(path), "--out", str(tmp_path / "out"), *argv]) == 2
+        return capsys.readouterr().err.strip()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: sst2\nstepz: 3\nheads: 4\n")
+    assert error(bad) == (
+        f"telepathy train: error: --config {bad}: unknown keys 'stepz', 'heads'; known keys: task, sender, receiver, "
+        "soft_tokens, d_model, depth, num_heads, d_wire, sender_layer, steps, batch_size, lr, weight_decay, "
+        "warmup_steps, min_lr_ratio, grad_clip, diversity_weight, eval_every, checkpoint_every, validation_size, "
+        "train_limit, max_text_tokens, seed, device, dtype")
+    bad.write_text("task: sst2\nbogus: 1\n")
+    assert error(bad, "--task", "trec") == (
+        f"telepathy train: error: --config {bad}: unknown key 'bogus'; known keys: task, sender, receiver, "
+        "soft_tokens, d_model, depth, num_heads, d_wire, sender_layer, steps, batch_size, lr, weight_decay, "
+        "warmup_steps, min_lr_ratio, grad_clip, diversity_weight, eval_every, checkpoint_every, validation_size, "
+        "train_limit, max_text_tokens, seed, device, dtype")
+    bad.write_text("task: sst2\nlr: fast\n")
+    assert error(bad) == f"telepathy train: error: --config {bad}: lr must be a number, got 'fast'"
+    bad.write_text("task: sst2\nsteps: true\n")
+    assert error(bad) == f"telepathy train: error: --config {bad}: steps must be an integer, got True"
+    bad.write_text("task: sst2\ndtype: float16\n")
+    assert error(bad) == f"telepathy train: error: --config {bad}: dtype must be one of float32, bfloat16, got 'float16'"
+    bad.write_text("steps: 3\n")
+    assert error(bad) == "telepathy train: error: --task is required (on the command line or in the --config file)"
+    missing = tmp_path / "nope.yaml"
+    assert error(missing) == f"telepathy train: error: --config {missing}: No such file or directory"
+    assert not (tmp_path / "out").exists()  # nothing written for a refused run

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from telepathy.bridge.training.data import Example
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.tasks import TaskSpec
-from telepathy.bridge.training.train import Split, TrainConfig, TrainRun
+from telepathy.bridge.training.config import TrainConfig
+from telepathy.bridge.training.data import Example
+from telepathy.bridge.training.loop import Split, TrainRun
 
 
 def truncate_texts(lm: LanguageModel, texts: list[str], max_tokens: int) -> list[str]:
@@ -124,7 +125,7 @@ class PromptIds:
     pad_id: int
 
     @classmethod
-    def build(cls, lm: LanguageModel, prompts: list[str], device) -> "PromptIds":
+    def build(cls, lm: LanguageModel, prompts: list[str], device) -> PromptIds:
         rows = lm.tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
         lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
         flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)

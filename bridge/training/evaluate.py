@@ -29,6 +29,11 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridges, load_bridge
+from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.resampler import wire_bytes
+from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
+from telepathy.bridge.tasks import UnknownTaskError, get_task
 from telepathy.bridge.training.baselines import (
     PromptTuningRun,
     accuracy,
@@ -41,13 +46,8 @@ from telepathy.bridge.training.baselines import (
     truncate_texts,
     zero_shot,
 )
-from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridges, load_bridge
 from telepathy.bridge.training.data import Example, load_split, train_validation_split
-from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
 from telepathy.bridge.training.hidden_cache import StatesStore
-from telepathy.bridge.lm import LanguageModel
-from telepathy.bridge.resampler import wire_bytes
-from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
 from telepathy.bridge.training.train import (
     DEFAULT_WIRE_DTYPE,
     DTYPES,
@@ -55,9 +55,9 @@ from telepathy.bridge.training.train import (
     TrainConfig,
     autocast_for,
     bridge_inputs,
-    default_device,
     default_sender_layer,
     fail,
+    resolve_device,
     train_jointly,
 )
 
@@ -339,26 +339,7 @@ def format_table(document: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a bridge against fair baselines on a full test split")
-    p.add_argument("--task", required=True, help=f"one of {', '.join(sorted(TASKS))}")
-    p.add_argument("--bridge", default=None, help="a bridge folder, or a folder of bridges (one per seed)")
-    p.add_argument("--methods", default="all", help=f"'all' or a comma list of: {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=3, help="bridges / few-shot draws / prompt-tuning runs (default 3)")
-    p.add_argument("--splits", default="test", help="comma list of splits; the first goes to --out (default test)")
-    p.add_argument("--sender", default=None, help="sender spec (default: the one the bridge was trained with)")
-    p.add_argument("--receiver", default=None, help="receiver spec (default: the one the bridge was trained with)")
-    p.add_argument("--few-shot-k", type=int, default=2, help="demonstrations per class (default 2)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each split")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward (default 64)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--cache-dir", default=None, help="sender hidden-state cache folder (default: none)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="results JSON, e.g. results/trec.json")
-    p.set_defaults(func=_eval_command)
+# `telepathy eval`: the arguments are in telepathy.commands (torch-free, for a fast `--help`).
 
 
 def parse_methods(text: str) -> list[str]:
@@ -371,7 +352,7 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def _eval_command(args: argparse.Namespace) -> int:
+def eval_command(args: argparse.Namespace) -> int:
     from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
 
     try:
@@ -405,7 +386,7 @@ def _eval_command(args: argparse.Namespace) -> int:
             load_split(args.task, split, limit=1)
         except FileNotFoundError as exc:
             return fail("eval", str(exc))
-    device = args.device or default_device()
+    device = resolve_device(args.device)
     try:
         sender = LanguageModel.load(sender_spec, device=device, dtype=DTYPES.get(args.dtype))
         receiver = LanguageModel.load(receiver_spec, device=device, dtype=DTYPES.get(args.dtype))

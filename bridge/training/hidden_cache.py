@@ -60,7 +60,7 @@ class SenderStates:
     def device(self) -> torch.device:
         return self.states.device
 
-    def to(self, device: str | torch.device) -> "SenderStates":
+    def to(self, device: str | torch.device) -> SenderStates:
         return SenderStates(self.states.to(device), self.offsets.to(device), self.lengths.to(device), self.layer,
                             self.sender_digest)
 
@@ -107,7 +107,7 @@ class SenderStates:
             Path(tmp).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SenderStates":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SenderStates:
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 meta = f.metadata() or {}

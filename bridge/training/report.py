@@ -13,9 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-from telepathy.bridge.training.evaluate import METHODS
 from telepathy.bridge.tasks import get_task
-from telepathy.bridge.training.train import fail
+from telepathy.bridge.training.config import fail
+from telepathy.bridge.training.evaluate import METHODS
 
 TASK_ORDER = ("ag_news", "trec", "sst2")
 
@@ -127,14 +127,10 @@ def write_report(results: str | Path, out: str | Path) -> list[Path]:
     return written
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("report", help="markdown table + bar chart of evaluation results")
-    p.add_argument("--results", default="results", help="folder of results/*.json (default %(default)s)")
-    p.add_argument("--out", default=None, help="where summary.md and accuracy.png go (default: --results)")
-    p.set_defaults(func=_report_command)
+# `telepathy report`: the arguments are in telepathy.commands (torch-free, for a fast `--help`).
 
 
-def _report_command(args: argparse.Namespace) -> int:
+def report_command(args: argparse.Namespace) -> int:
     try:
         written = write_report(args.results, args.out or args.results)
     except FileNotFoundError as exc:

@@ -1,4 +1,4 @@
-"""`telepathy gateway | up | bench | healthcheck` (registered in bridge.cli.COMMANDS).
+"""`telepathy gateway | up | bench | healthcheck` (registered in telepathy.cli.COMMANDS).
 
 Imports of heavy modules happen inside the handlers: `telepathy --help` must stay fast and torch-free.
 """

@@ -428,7 +428,7 @@ class ServiceSettings(TelepathySettings):
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port on --host (0 = off)")
     grace_s: float = setting(10.0, "on SIGTERM, how long in-flight requests get to finish")
     warmup: bool = setting(True, "run a max-size batch before reporting SERVING")
-    # The static-shape path of bridge/fastpath.py (CUDA graphs, fused layers, label-only logits); its own
+    # The static-shape path of bridge/runtime/fastpath/ (CUDA graphs, fused layers, label-only logits); its own
     # switches are TELEPATHY_FASTPATH_* (docs/PERFORMANCE.md). Eager engines on the CPU, where graphs gain nothing.
     fast_path: str = setting("auto", "static-shape fast path: auto (on with CUDA), on, off")
 

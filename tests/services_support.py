@@ -119,7 +119,7 @@ def classify_request(st: common_pb2.SoftTokens) -> receiver_pb2.ClassifyRequest:
 
 
 class ServiceProcess:
-    """`python -m bridge.cli serve ROLE …` as a real subprocess with its own log file."""
+    """`python -m telepathy.cli serve ROLE …` as a real subprocess with its own log file."""
 
     def __init__(self, role: str, port: int, bridges, log_dir: Path, *args: str, env: dict | None = None,
                  model: str | None = None):

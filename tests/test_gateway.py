@@ -1,6 +1,6 @@
 """The HTTP gateway end to end: httpx → uvicorn (loopback, ephemeral port) → real sender → real receiver.
 
-The services run in-process (rpc.harness.ServiceThread) with the tiny random pair and untrained bridges for
+The services run in-process (telepathy.testing.ServiceThread) with the tiny random pair and untrained bridges for
 sst2 and ag_news only, so that trec exercises "no bridge for this task" on the bridge path while its text path
 works. Both services require a service token, as in a deployment. Every error status the gateway documents is
 produced for real here, checked for its exact status, envelope and message, and followed by a request that works.

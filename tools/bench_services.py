@@ -139,7 +139,7 @@ def update_gpu_latency(path: Path, results: dict, meta: dict) -> None:
 
 
 class ServiceProcess:
-    """`python -m bridge.cli serve ROLE …` in its own process (stdout/stderr to LOG); stop() sends SIGTERM (drain)."""
+    """`python -m telepathy.cli serve ROLE …` in its own process (stdout/stderr to LOG); stop() sends SIGTERM (drain)."""
 
     def __init__(self, role: str, options: dict, log_path: Path):
         self.address = f"127.0.0.1:{options['port']}"

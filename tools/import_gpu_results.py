@@ -1,6 +1,6 @@
 """Bring a GPU run's archives into the repo: results merged into results/, bridges into the package.
 
-    .venv/bin/python tools/import_gpu_results.py /work/.device/NN
+    .venv/bin/python tools/import_gpu_results.py runs/gpu-out
 
 - results.tar.gz: results/*.json are merged method by method into the repo's results/
   (telepathy.bridge.training.evaluate.merge_results, so methods from an earlier run stay unless the new run has them
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files_at", help="the folder the device call's files came back to")
+    p.add_argument("files_at", help="the folder a GPU run's packed results are in (gpu_experiments.py --pack)")
     p.add_argument("--results", default=str(ROOT / "results"))
     p.add_argument("--bridges", default=str(ROOT / "bridge" / "bridges"))
     args = p.parse_args(argv)

@@ -136,7 +136,7 @@ class GatewayMetrics:
 # ---------------------------------------------------------------------------------------------------------------
 
 def client_settings(settings: GatewaySettings) -> ClientSettings:
-    """The rpc.channels view of our settings: token, TLS files, message size. Built explicitly (not from_env) so that
+    """The telepathy.serving.channels view of our settings: token, TLS files, message size. Built explicitly (not from_env) so that
     a GatewaySettings fully describes the gateway, whatever the process environment holds."""
     return ClientSettings(auth_token=settings.auth_token, tls_ca=settings.tls_ca, tls_cert=settings.tls_cert,
                           tls_key=settings.tls_key, tls_server_name=settings.tls_server_name,
@@ -154,7 +154,7 @@ class ServiceClients:
         self.receiver_channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
-        # rpc.channels is the one way to dial a service: it adds the bearer token to every call, TLS when
+        # telepathy.serving.channels is the one way to dial a service: it adds the bearer token to every call, TLS when
         # configured, message limits and keepalive/reconnect options that match the servers' settings (a restarted
         # sender is found again within ~2 s, so /readyz and requests recover quickly).
         client = client_settings(self.settings)

@@ -34,7 +34,7 @@ import httpx
 
 from telepathy.config import SHIPPED_BRIDGES
 
-# torch-free sources of the same constants as bridge.engine / bridge.models: the launcher never loads a model.
+# torch-free sources of the same constants as telepathy.bridge.models: the launcher never loads a model.
 from telepathy.receiver_service.settings import DEFAULT_RECEIVER
 from telepathy.sender_service.settings import DEFAULT_SENDER
 

@@ -4,13 +4,17 @@ dict), the batch buckets a batch is padded up to, and the check that a model is 
 from __future__ import annotations
 
 import argparse
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+from pydantic import create_model
+from pydantic_settings import SettingsConfigDict
 
 from telepathy.bridge.codec import WIRE_DTYPES
 from telepathy.bridge.lm import LanguageModel
+from telepathy.config import TelepathySettings, from_sources, setting
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -117,26 +121,38 @@ class FastPathConfig:
         )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str], prefix: str = "TELEPATHY_FASTPATH_") -> FastPathConfig:
-        """Service settings: TELEPATHY_FASTPATH_CUDA_GRAPHS=0, …_BATCH_BUCKETS=1,8,32, …_DTYPE=bf16 (unset: default)."""
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = environ.get(prefix + f.name.upper())
-            if raw is None:
-                continue
-            default = getattr(cls(), f.name)
-            if isinstance(default, bool):
-                low = raw.strip().lower()
-                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                    raise ValueError(f"{prefix}{f.name.upper()} must be a boolean (1/0, true/false, on/off), got {raw!r}")
-                values[f.name] = low in ("1", "true", "yes", "on")
-            elif isinstance(default, tuple):
-                values[f.name] = tuple(int(x) for x in raw.split(",") if x.strip())
-            elif isinstance(default, int):
-                values[f.name] = int(raw)
-            else:
-                values[f.name] = raw.strip()
+    def from_env(cls, environ: dict[str, str]) -> FastPathConfig:
+        """Service settings: TELEPATHY_FASTPATH_CUDA_GRAPHS=0, …_BATCH_BUCKETS=1,8,32, …_DTYPE=bf16 (unset: default),
+        read through the one settings mechanism (telepathy.config) like every other TELEPATHY_* variable."""
+        values = from_sources(_fast_path_env_settings(), env=environ).model_dump()
+        values["batch_buckets"] = tuple(int(x) for x in str(values["batch_buckets"]).split(",") if x.strip())
         return cls(**values)
+
+
+class _FastPathEnvBase(TelepathySettings):
+    model_config = SettingsConfigDict(env_prefix="TELEPATHY_FASTPATH_")
+    config_env = None  # switches come from the environment only (no --config file, no secrets)
+    secrets_dir_env = None
+
+    @classmethod
+    def _env_value_error(cls, var: str, raw: str, typ: Any, exc: ValueError) -> str:
+        if typ is bool:
+            return f"{var} must be a boolean (1/0, true/false, on/off), got {raw!r}"
+        return f"{var}={raw!r}: {exc}"
+
+
+@functools.cache
+def _fast_path_env_settings() -> type[TelepathySettings]:
+    """A settings class with FastPathConfig's fields and defaults (batch buckets as comma-separated text), so the
+    fields are declared once, on the dataclass."""
+    env_fields: dict[str, Any] = {}
+    for f in fields(FastPathConfig):
+        default = f.default
+        typ: type = type(default)
+        if typ is tuple:
+            typ, default = str, ",".join(map(str, default))
+        env_fields[f.name] = (typ, setting(default, f"FastPathConfig.{f.name}"))
+    return create_model("FastPathEnvSettings", __base__=_FastPathEnvBase, **env_fields)
 
 
 def _pick_bucket(n: int, buckets: tuple[int, ...]) -> int:

@@ -190,7 +190,7 @@ def test_openapi_docs(client):
     (dict(json={**SST2, "paht": "text"}), "paht: unknown field", "paht"),
     (dict(content=b'{"text": ', headers={"content-type": "application/json"}),
      re.compile(r"^request body is not valid JSON: "), None),
-    (dict(json=["not", "an", "object"]), re.compile(r"Input should be a valid dictionary"), None),
+    (dict(json=["not", "an", "object"]), "request body must be a JSON object with text and task, got an array", None),
 ])
 def test_422_invalid_body(client, kwargs, message, param):
     assert_error(client.post("/v1/classify", **kwargs), 422, "invalid_request_error", message, param)
@@ -224,7 +224,8 @@ def test_404_no_bridge_for_task_but_text_path_works(client):
 
 def test_404_unknown_route(client):
     assert_error(client.get("/v2/classify"), 404, "not_found_error", "no route GET /v2/classify")
-    assert_error(client.get("/v1/classify"), 405, "invalid_request_error", "Method Not Allowed")
+    assert_error(client.get("/v1/classify"), 405, "invalid_request_error",
+                 "method GET is not allowed on /v1/classify; allowed: POST")
     assert_works(client)
 
 

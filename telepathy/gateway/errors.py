@@ -25,11 +25,12 @@ log = logging.getLogger(__name__)
 
 # HTTP status → envelope "type". Every error response of the gateway uses one of these.
 ERROR_TYPES: dict[int, str] = {
-    400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "request_timeout",
     413: "request_too_large",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "overloaded_error",
     500: "internal_error",
@@ -38,7 +39,7 @@ ERROR_TYPES: dict[int, str] = {
     504: "timeout_error",
 }
 
-# gRPC status of a failed sender call → HTTP status. Codes the services use on purpose (DESIGN.md, reliability):
+# gRPC status of a failed sender call → HTTP status. Codes the services use on purpose (docs/SERVICES.md):
 # INVALID_ARGUMENT bad input, NOT_FOUND unknown task/bridge, RESOURCE_EXHAUSTED queue full, UNAVAILABLE warming up
 # or draining or down, DEADLINE_EXCEEDED the budget we gave it ran out.
 GRPC_TO_HTTP: dict[grpc.StatusCode, int] = {
@@ -87,8 +88,16 @@ class GatewayError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    err = protocol.ErrorDetail(type=ERROR_TYPES.get(status, "internal_error"), message=message, param=param)
+    kind = ERROR_TYPES.get(status, "internal_error" if status >= 500 else "invalid_request_error")
+    err = protocol.ErrorDetail(type=kind, message=_utf8_safe(message),
+                               param=None if param is None else _utf8_safe(param))
     return protocol.ErrorResponse(error=err).model_dump()
+
+
+def _utf8_safe(value: str) -> str:
+    """Messages quote the client's input (an unknown field's name, say), which may hold a lone surrogate: written
+    as the six ASCII characters \\ud800 instead, so that rendering the refusal cannot itself fail."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_from_grpc(exc: grpc.RpcError, service: str) -> GatewayError:
@@ -133,12 +142,25 @@ def validation_error(errors: list[dict[str, Any]]) -> GatewayError:
     msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return GatewayError(422, f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}")
+    if first.get("type") == "string_unicode":  # pydantic's own refusal of a lone surrogate, e.g. in a field name
+        lone = next((f" (U+{ord(c):04X})" for c in str(first.get("input", "")) if 0xD800 <= ord(c) <= 0xDFFF), "")
+        where = f"{param}: " if param else "a field name "
+        return GatewayError(422, f"{where}contains a lone surrogate{lone} that UTF-8 cannot encode", param=param)
+    if param is None:  # the body as a whole: absent, or JSON that is not an object
+        if first.get("type") == "missing":
+            return GatewayError(422, "request body is empty; expected a JSON object with text and task")
+        kind = _JSON_KINDS.get(type(first.get("input")), "not an object")
+        return GatewayError(422, f"request body must be a JSON object with text and task, got {kind}")
     if first.get("type") == "missing":
         return GatewayError(422, f"{param}: field required", param=param)
     if first.get("type") == "extra_forbidden":
         return GatewayError(422, f"{param}: unknown field", param=param)
     msg = msg.removeprefix("Value error, ")
     return GatewayError(422, f"{param}: {msg}" if param else msg, param=param)
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -155,6 +177,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = (headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=headers)

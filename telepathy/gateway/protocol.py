@@ -5,25 +5,54 @@ These models are the public contract of /v1/*; FastAPI derives the OpenAPI schem
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PathName = Literal["bridge", "text"]
 
+# JSON's \uXXXX escapes can spell half a surrogate pair, which Python keeps as a str but UTF-8 (protobuf, our own
+# JSON responses, the logs) cannot encode: refused here, once, instead of failing deep inside a gRPC call.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# A NUL ends the text early for anything C-shaped downstream (tokenizers, logs, databases); the other controls
+# in a text (tabs, newlines, stray escape codes from a copy-paste) are the model's business and pass.
+_NUL = re.compile("\x00")
+# A task is a name such as sst2: no control character of any kind (C0, DEL, C1) belongs in one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _refuse(pattern: re.Pattern[str], value: str, what: str) -> None:
+    found = pattern.search(value)
+    if found:
+        raise ValueError(what.format(code=f"U+{ord(found.group()):04X}"))
+
+
+def _encodable(value: str) -> str:
+    _refuse(_SURROGATE, value, "contains a lone surrogate ({code}) that UTF-8 cannot encode")
+    return value
+
 
 class _Request(BaseModel):
     # Unknown fields are an error, not silently ignored: a typo such as "paht" must not quietly run the default.
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="Input to classify. Non-empty; at most the gateway's max_text_chars characters.")
-    task: str = Field(description="Task name, see GET /v1/tasks (e.g. sst2, ag_news, trec).")
+    text: str = Field(description="Input to classify. Non-empty, not only whitespace, no NUL, valid Unicode (no lone "
+                                  "surrogate); at most the gateway's max_text_chars characters.")
+    task: str = Field(description="Task name, see GET /v1/tasks (e.g. sst2, ag_news, trec). No control characters.")
 
     @field_validator("text")
     @classmethod
-    def _text_not_blank(cls, v: str) -> str:
+    def _text_is_text(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty or whitespace")
+        _refuse(_NUL, _encodable(v), "contains a NUL character ({code}), which is not allowed")
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task_is_a_name(cls, v: str) -> str:
+        _refuse(_CONTROL, _encodable(v), "contains a control character ({code}); a task is a name such as sst2")
         return v
 
 

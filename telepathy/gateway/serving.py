@@ -1,10 +1,11 @@
 """Gateway logic: input checks, the sender client, the error map, concurrency limit, metrics.
 
-Routes in app.py are thin: they call `GatewayService` methods and let `GatewayError` (the only exception the
+Routes (routes/) are thin: they call `GatewayService` methods and let `GatewayError` (the only exception the
 service raises on purpose) become the JSON error envelope (errors.py).
 
-One request: request id → API key → body (pydantic) → task/length checks → concurrency slot → sender.Relay with
-the remaining request budget as its gRPC deadline → result → response. Nothing waits in a gateway queue.
+One request: the edge (edge.py: request id → API key → body size, type, encoding) → body (pydantic) → task/length
+checks → concurrency slot → sender.Relay with the remaining request budget as its gRPC deadline → result →
+response. Nothing waits in a gateway queue.
 """
 
 from __future__ import annotations
@@ -180,6 +181,9 @@ class ServiceClients:
     async def receiver_info(self, timeout: float) -> receiver_pb2.ReceiverInfoResponse:
         return await self.receiver.Info(receiver_pb2.ReceiverInfoRequest(), timeout=timeout)
 
+    async def receiver_bridges(self, timeout: float) -> receiver_pb2.ListBridgesResponse:
+        return await self.receiver.ListBridges(receiver_pb2.ListBridgesRequest(), timeout=timeout)
+
     async def health(self, which: str, timeout: float) -> str:
         """grpc.health.v1 status name of the whole server (service ""), or UNAVAILABLE/… when the call fails."""
         stub = self.sender_health if which == "sender" else self.receiver_health
@@ -345,14 +349,18 @@ class GatewayService:
         if s_info is not None:
             sender = sender.model_copy(update=dict(
                 _model_fields(s_info.model), version=s_info.version or None,
-                bridges=[b.bridge_id for b in s_info.bridges]))
+                bridges=sorted(b.bridge_id for b in s_info.bridges)))
         receiver_addr = self.settings.receiver_addr or (s_info.receiver_address if s_info is not None else "")
         receiver = protocol.ServiceInfo(address=receiver_addr, status="UNKNOWN")
         if self.clients.receiver_channel is not None:
             receiver.status = await self.clients.health("receiver", timeout)
             try:
-                r = await self.clients.receiver_info(timeout=timeout)
-                receiver = receiver.model_copy(update=dict(_model_fields(r.model), version=r.version or None))
+                # Receiver.Info names only the tasks; the bridge ids (what has to match the sender's) come from
+                # ListBridges.
+                r, listed = await asyncio.gather(self.clients.receiver_info(timeout=timeout),
+                                                 self.clients.receiver_bridges(timeout=timeout))
+                receiver = receiver.model_copy(update=dict(_model_fields(r.model), version=r.version or None,
+                                                           bridges=sorted(b.bridge_id for b in listed.bridges)))
             except grpc.RpcError as exc:
                 log.info("receiver Info failed: %s %s", exc.code().name, exc.details())
         elif s_info is not None:

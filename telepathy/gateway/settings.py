@@ -52,9 +52,13 @@ class GatewaySettings(TelepathySettings):
     probe_timeout_s: float = setting(2.0, "deadline of the /readyz and /v1/info probes", env=None)
     # Text-path relay length sent to the sender; 0 = the sender's default.
     max_relay_tokens: int = setting(0, "text-path relay length (0 = sender default)", env=None)
-    # Largest request body read at all (bytes); a bigger Content-Length is refused with 413 unread.
+    # Largest request body read at all (bytes): a bigger Content-Length is refused with 413 unread, a body without
+    # one (chunked) with 413 as soon as it grows past the limit.
     # Derived from max_text_chars when 0 (4 bytes per character worst case in UTF-8, plus JSON overhead).
     max_body_bytes: int = setting(0, "largest request body (0 = 4 × max_text_chars + 64 KiB)", env=None)
+    # Seconds a client has to deliver its whole body once its headers are in; then 408 and the connection closes.
+    # Without it a client that announces a body and sends it slowly (or never) holds a connection forever.
+    body_timeout_s: float = setting(10.0, "time to deliver the whole request body before 408", env=None)
     # Seconds uvicorn waits for in-flight requests on shutdown.
     graceful_shutdown_s: float = setting(10.0, "how long uvicorn waits for in-flight requests on shutdown", env=None)
     log_level: str = setting("info", "uvicorn log level", env=None)
@@ -82,7 +86,7 @@ class GatewaySettings(TelepathySettings):
         for name in ("max_concurrency", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("request_timeout_s", "probe_timeout_s"):
+        for name in ("request_timeout_s", "probe_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_relay_tokens < 0:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from telepathy.gateway import protocol
-from telepathy.gateway.routes.common import V1_ERRORS, service
+from telepathy.gateway.routes.common import CATALOG_ERRORS, KeyedRoute, service
 
-router = APIRouter(tags=["v1"], responses=V1_ERRORS)
+router = APIRouter(tags=["v1"], responses=CATALOG_ERRORS, route_class=KeyedRoute)
 
 
 @router.get("/v1/tasks", response_model=protocol.TasksResponse)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from telepathy.gateway import protocol
-from telepathy.gateway.routes.common import V1_ERRORS, request_id, service
+from telepathy.gateway.routes.common import V1_ERRORS, KeyedRoute, request_id, service
 
-router = APIRouter(tags=["v1"], responses=V1_ERRORS)
+router = APIRouter(tags=["v1"], responses=V1_ERRORS, route_class=KeyedRoute)
 
 
 @router.post("/v1/classify", response_model=protocol.ClassifyResponse)

@@ -2,7 +2,9 @@
 
 ClassifyStream is the sender's persistent stream: items are read by one task, each is handled concurrently
 (so a slow batch never blocks the reader), and answers go back through one writer in completion order,
-matched by request_id. A bad item gets an Error answer; the stream stays open. On drain, new items are
+matched by request_id. A bad item gets an Error answer; the stream stays open. An item that does not decode
+gets one with an empty request_id (it has none we could read), as does an item whose request_id breaks the
+identifier rules (echoing it could make the answer too large to send, which would end the stream). On drain, new items are
 answered UNAVAILABLE without being processed (the sender may resend them elsewhere), in-flight items are
 answered, then the stream ends with OK.
 """
@@ -18,9 +20,18 @@ import grpc
 from telepathy.contract import WIRE_DTYPES
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
 from telepathy.serving.batcher import BatchTiming, DynamicBatcher
-from telepathy.serving.checks import check_text, require_task
+from telepathy.serving.checks import check_id, check_text, id_problem, require_task
 from telepathy.serving.convert import VERSION, bridge_info, classify_result, limits, micros, model_info
-from telepathy.serving.errors import grpc_method, invalid, status_of, unavailable
+from telepathy.serving.errors import (
+    Undecodable,
+    abort,
+    caller_gone,
+    grpc_method,
+    invalid,
+    status_of,
+    takes_undecodable,
+    unavailable,
+)
 from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
 from telepathy.serving.metrics import ServiceMetrics
 
@@ -70,6 +81,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
 
     async def _classify_text(self, req: receiver_pb2.ClassifyTextRequest, deadline: float | None, received: float,
                              prefix: str = ""):
+        check_id(req.request_id, f"{prefix}request_id")
         spec = require_task(req.task, f"{prefix}task")
         # An empty relay text is a legitimate (if useless) relay: the sender's LLM may produce one.
         check_text(req.text, self.settings.max_text_chars, f"{prefix}text", allow_empty=True)
@@ -125,13 +137,14 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         for stream in list(self._streams):
             stream.out.put_nowait(_DRAIN)
 
+    @takes_undecodable
     async def ClassifyStream(self, request_iterator, context):
         try:
             self.state.check()
         except Exception as exc:  # noqa: BLE001 - mapped right here
             err = status_of(exc)
             self.metrics.observe_request("ClassifyStream", err.code, 0.0)
-            await context.abort(err.code, err.message)
+            await abort(context, err)
         # Initial metadata now, so the sender knows at once that the stream is up (auth passed, not draining).
         await context.send_initial_metadata(())
         stream = _Stream()
@@ -143,7 +156,10 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
                 if item is _EOF or item is _DRAIN:
                     stream.ended = True
                 else:
-                    await context.write(item)
+                    try:
+                        await context.write(item)
+                    except grpc.aio.InternalError:  # the call is over (deadline, caller gone): nobody reads on
+                        raise asyncio.CancelledError from None
                 if stream.ended and stream.busy == 0 and stream.out.empty():
                     break
         finally:
@@ -151,15 +167,21 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
             for task in list(stream.tasks):
                 task.cancel()
             self._streams.discard(stream)
+        if caller_gone(context) is not None:  # its deadline passed: sending OK now would fail (errors.abort)
+            raise asyncio.CancelledError
         self.metrics.observe_request("ClassifyStream", grpc.StatusCode.OK, 0.0)
 
     async def _read(self, request_iterator, stream: _Stream) -> None:
         try:
             async for req in request_iterator:
                 received = time.monotonic()
+                if isinstance(req, Undecodable):
+                    self.metrics.observe_request("ClassifyStream.item", grpc.StatusCode.INVALID_ARGUMENT, 0.0)
+                    stream.out.put_nowait(_error("", req.error()))
+                    continue
                 if stream.ended or self.state.draining:
                     self.metrics.observe_request("ClassifyStream.item", grpc.StatusCode.UNAVAILABLE, 0.0)
-                    stream.out.put_nowait(_error(_request_id(req), unavailable("receiver is draining; item not processed")))
+                    stream.out.put_nowait(_error(_reply_id(req), unavailable("receiver is draining; item not processed")))
                     continue
                 stream.busy += 1
                 task = asyncio.create_task(self._item(req, received, stream))
@@ -171,7 +193,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
             stream.out.put_nowait(_EOF)
 
     async def _item(self, req: receiver_pb2.ClassifyStreamRequest, received: float, stream: _Stream) -> None:
-        request_id = _request_id(req)
+        request_id = _reply_id(req)
         code = grpc.StatusCode.OK
         try:
             if req.timeout_ms < 0:
@@ -191,8 +213,10 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         stream.out.put_nowait(response)
 
 
-def _request_id(req: receiver_pb2.ClassifyStreamRequest) -> str:
-    return req.soft_tokens.request_id or req.text.request_id
+def _reply_id(req: receiver_pb2.ClassifyStreamRequest) -> str:
+    """The id an item's answer carries: its own, unless that breaks the identifier rules (its Error says so)."""
+    request_id = req.soft_tokens.request_id or req.text.request_id
+    return request_id if id_problem(request_id) is None else ""
 
 
 def _error(request_id: str, err) -> receiver_pb2.ClassifyStreamResponse:

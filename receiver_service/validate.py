@@ -1,6 +1,7 @@
 """Checks on incoming soft tokens, in the order that gives the most useful error:
-task / bridge (NOT_FOUND) → fingerprint (FAILED_PRECONDITION, both fingerprints named) → tensor
-(INVALID_ARGUMENT: dtype, shape vs the bridge, byte lengths, int8 scales, NaN/Inf; bridge.codec.decode).
+identifiers (INVALID_ARGUMENT: length, control characters) → task / bridge (NOT_FOUND) → fingerprint
+(FAILED_PRECONDITION, both fingerprints named) → tensor (INVALID_ARGUMENT: rank, dtype, shape vs the bridge, byte
+lengths, int8 scales, NaN/Inf; bridge.codec.decode).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 from telepathy.bridge.codec import WireFormatError, decode
 from telepathy.bridge.runtime.engine import BridgeNotFoundError, BridgeSet, LoadedBridge
 from telepathy.protos.v1 import common_pb2
-from telepathy.serving.checks import require_task
+from telepathy.serving.checks import check_id, require_task
 from telepathy.serving.convert import tensor_from_pb
-from telepathy.serving.errors import ServiceError, invalid
+from telepathy.serving.errors import ServiceError, clip, invalid
 
 # codec field → protobuf field of common.Tensor
 _TENSOR_FIELDS = {"dtype": "dtype", "shape": "shape", "data": "raw_data", "scales": "scales"}
+_ID_FIELDS = ("request_id", "task", "bridge_id", "bridge_fingerprint")
 
 
 @dataclass
@@ -38,6 +40,8 @@ def _resolve(st: common_pb2.SoftTokens, bridges: BridgeSet, prefix: str) -> Load
 
 
 def check_soft_tokens(st: common_pb2.SoftTokens, bridges: BridgeSet, prefix: str = "soft_tokens") -> SoftTokenInput:
+    for name in _ID_FIELDS:
+        check_id(getattr(st, name), f"{prefix}.{name}")
     bridge = _resolve(st, bridges, prefix)
     meta = bridge.meta
     field = f"{prefix}.bridge_fingerprint"
@@ -46,7 +50,7 @@ def check_soft_tokens(st: common_pb2.SoftTokens, bridges: BridgeSet, prefix: str
     if st.bridge_fingerprint != meta.fingerprint:
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION,
-            f"{field}: the soft tokens were made by bridge fingerprint {st.bridge_fingerprint}, but this receiver's "
+            f"{field}: the soft tokens were made by bridge fingerprint {clip(st.bridge_fingerprint)}, but this receiver's "
             f"bridge {meta.bridge_id} for task {meta.task!r} has fingerprint {meta.fingerprint}; sender and receiver "
             "must load the same bridge checkpoint",
             field,

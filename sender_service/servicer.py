@@ -15,7 +15,7 @@ import grpc
 from telepathy.bridge.runtime.engine import BridgeNotFoundError
 from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2, sender_pb2_grpc
 from telepathy.serving.batcher import BatchTiming, DynamicBatcher
-from telepathy.serving.checks import check_text, require_task
+from telepathy.serving.checks import check_id, check_text, require_task
 from telepathy.serving.convert import (
     VERSION,
     bridge_info,
@@ -82,6 +82,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     async def Relay(self, request: sender_pb2.RelayRequest, context):
         received = time.monotonic()
         self.state.check()
+        check_id(request.request_id, "request_id")
         deadline = self._deadline(context)
         path = request.path or sender_pb2.PATH_BRIDGE
         if path not in _PATH_NAMES:
@@ -103,6 +104,9 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         """Text path: generate a relay text here, the receiver reads it."""
         (relay_text, _), timing = await self._generate(
             request.text, request.task, request.max_relay_tokens, deadline, "max_relay_tokens")
+        # A long relay (up to max_relay_tokens) can spell more characters than a receiver accepts in a text; it
+        # reads only its first max_input_tokens tokens anyway, so the cut loses nothing it would have read.
+        relay_text = relay_text[:self.settings.max_text_chars]
         item = receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(task=request.task, text=relay_text))
         return await self._relay(request, item, timing, received, deadline, sender_pb2.PATH_TEXT,
                                  len(relay_text.encode("utf-8")), relay_text)
@@ -130,6 +134,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     async def Encode(self, request: sender_pb2.EncodeRequest, context):
         received = time.monotonic()
         self.state.check()
+        check_id(request.request_id, "request_id")
         wire, meta, timing = await self._encode(request.text, request.task, request.wire_dtype, self._deadline(context))
         soft = common_pb2.SoftTokens(request_id=request.request_id, task=meta.task, bridge_id=meta.bridge_id,
                                      bridge_fingerprint=meta.fingerprint, tokens=tensor_to_pb(wire))
@@ -141,6 +146,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     async def Generate(self, request: sender_pb2.GenerateRequest, context):
         received = time.monotonic()
         self.state.check()
+        check_id(request.request_id, "request_id")
         (text, num_tokens), timing = await self._generate(
             request.text, request.task, request.max_tokens, self._deadline(context), "max_tokens")
         timings = {"sender_queue": micros(timing.queue_s), "sender_model": micros(timing.model_s),

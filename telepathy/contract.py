@@ -29,3 +29,10 @@ def _package_folder(name: str) -> Path:
 
 # The bridge checkpoints installed with the package: one folder per task and model pair (bridge/bridges/).
 SHIPPED_BRIDGES = _package_folder("telepathy.bridge") / "bridges"
+
+# Edge limits on client-chosen identifiers (request_id, task, bridge_id, bridge_fingerprint) and on a soft-token
+# tensor's rank. Error details travel in gRPC trailing metadata, which clients cap at a few KiB; identifiers that
+# are echoed back (in answers and errors) must stay far below that. 256, not 128: the gateway accepts 128-character
+# X-Request-IDs and passes `<id>:bridge` / `<id>:text` on to the sender.
+MAX_ID_CHARS = 256
+MAX_SHAPE_DIMS = 8

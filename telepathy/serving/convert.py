@@ -8,7 +8,7 @@ from telepathy.bridge.checkpoint import BridgeMeta
 from telepathy.bridge.codec import WireFormatError, WireTensor
 from telepathy.bridge.lm import LanguageModel
 from telepathy.config import ServiceSettings
-from telepathy.contract import VERSION  # noqa: F401 - re-exported for the servicers
+from telepathy.contract import MAX_SHAPE_DIMS, VERSION  # noqa: F401 - VERSION is re-exported for the servicers
 from telepathy.protos.v1 import common_pb2
 from telepathy.serving.errors import invalid
 
@@ -35,7 +35,10 @@ def tensor_to_pb(w: WireTensor) -> common_pb2.Tensor:
 
 
 def tensor_from_pb(t: common_pb2.Tensor) -> WireTensor:
-    """No checks beyond the dtype enum: bridge.codec.decode validates shape, byte lengths and values."""
+    """No checks beyond the dtype enum and the rank: bridge.codec.decode validates shape, byte lengths and values
+    (and quotes the shape in its messages, hence the rank limit first)."""
+    if len(t.shape) > MAX_SHAPE_DIMS:
+        raise WireFormatError("shape", f"has {len(t.shape)} dimensions; the limit is {MAX_SHAPE_DIMS}")
     if t.dtype not in PB_TO_DTYPE:
         name = common_pb2.DType.Name(t.dtype) if t.dtype in common_pb2.DType.values() else f"enum value {t.dtype}"
         raise WireFormatError("dtype", f"unsupported dtype {name}; expected one of {', '.join(common_pb2.DType.keys()[1:])}")

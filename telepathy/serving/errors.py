@@ -4,6 +4,10 @@ Servicer code raises plain exceptions (ours and bridge/'s); `status_of` maps the
 unary RPC so that the mapping, the `telepathy-error-field` trailer and the request metrics happen in one spot,
 and stream handlers call `status_of` to build per-item Error messages. Anything unexpected becomes INTERNAL
 with a generic message (the details go to the log, never to the caller).
+
+Error details travel in gRPC trailing metadata, which clients cap at a few KiB (a longer status reaches the caller
+as RESOURCE_EXHAUSTED instead of its own code), so every ServiceError's message is capped here, and client values
+echoed into a message go through `clip`.
 """
 
 from __future__ import annotations
@@ -20,20 +24,35 @@ from telepathy.bridge.checkpoint import FingerprintMismatch
 from telepathy.bridge.codec import WireFormatError
 from telepathy.bridge.runtime.engine import BridgeNotFoundError
 from telepathy.bridge.tasks import UnknownTaskError
-from telepathy.contract import FIELD_TRAILER
+from telepathy.contract import FIELD_TRAILER, MAX_ID_CHARS
 from telepathy.serving.batcher import BatcherClosedError, DeadlineExpiredError, QueueFullError
 
 log = logging.getLogger(__name__)
+MAX_ECHO_CHARS = 64  # of one client value quoted in an error message
+MAX_DETAILS_BYTES = 1024  # of a whole message as UTF-8; percent-encoded on the wire, so at most 3 KiB of metadata
+
+
+def clip(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """A client value as an error message may quote it: at most `limit` characters, then an ellipsis."""
+    return value if len(value) <= limit else value[:limit] + "…"
+
+
+def bound_details(message: str) -> str:
+    data = message.encode("utf-8", "replace")
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    return data[: MAX_DETAILS_BYTES - 3].decode("utf-8", "ignore") + "…"
 
 
 class ServiceError(Exception):
     """An error with a known gRPC status; `field` names the offending request field, when there is one."""
 
     def __init__(self, code: grpc.StatusCode, message: str, field: str = ""):
+        message = bound_details(message)
         super().__init__(message)
         self.code = code
         self.message = message
-        self.field = field
+        self.field = clip(field, MAX_ID_CHARS)
 
 
 def invalid(field: str, message: str) -> ServiceError:
@@ -42,6 +61,49 @@ def invalid(field: str, message: str) -> ServiceError:
 
 def unavailable(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+class Undecodable:
+    """What a request deserializer guarded by serving/server.py hands on instead of raising: the bytes were not a
+    valid `type_name` message (broken protobuf, or a string field that is not UTF-8)."""
+
+    __slots__ = ("type_name",)
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+    def error(self) -> ServiceError:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {self.type_name} message "
+                            "(undecodable protobuf, or a string field that is not valid UTF-8)")
+
+
+def takes_undecodable(handler):
+    """Mark a request-streaming handler that answers Undecodable items itself; any other stream ends with
+    INVALID_ARGUMENT at its first undecodable message."""
+    handler.takes_undecodable = True
+    return handler
+
+
+def caller_gone(context) -> grpc.StatusCode | None:
+    """DEADLINE_EXCEEDED once the call's deadline has passed (gRPC itself has then given the caller its status),
+    else None. A cancelled caller needs no check: grpc.aio cancels the handler's task."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else None
+
+
+async def abort(context, err: ServiceError):
+    """End the call with `err`. If the caller is gone nobody can read a status, and sending one fails, which
+    grpc.aio logs as an ERROR with a traceback; a caller going away is not an error, so the call ends as
+    cancelled (grpc.aio logs that at DEBUG)."""
+    if caller_gone(context) is None:
+        if err.field:
+            context.set_trailing_metadata(((FIELD_TRAILER, err.field),))
+        try:
+            await context.abort(err.code, err.message)
+        except grpc.aio.InternalError:  # the send failed: the call ended (deadline, caller gone) since the check
+            pass
+    log.debug("caller gone before its status could be sent: %s %s", err.code.name, err.message)
+    raise asyncio.CancelledError
 
 
 @dataclass(frozen=True)
@@ -86,17 +148,17 @@ def grpc_method(name: str):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                return await fn(self, request, context)
+                response = await fn(self, request, context)
+                if caller_gone(context) is not None:  # answered too late: sending it would fail (see abort)
+                    raise asyncio.CancelledError
+                return response
             except asyncio.CancelledError:  # the client went away or its deadline passed
-                left = context.time_remaining()
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+                code = caller_gone(context) or grpc.StatusCode.CANCELLED
                 raise
             except Exception as exc:  # noqa: BLE001 - this is the mapping point
                 err = status_of(exc)
-                code = err.code
-                if err.field:
-                    context.set_trailing_metadata(((FIELD_TRAILER, err.field),))
-                await context.abort(err.code, err.message)
+                code = caller_gone(context) or err.code
+                await abort(context, err)
             finally:
                 self.metrics.observe_request(name, code, time.perf_counter() - start)
 

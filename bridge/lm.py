@@ -10,10 +10,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from telepathy.bridge.models import LoadedModel, load_model
 
@@ -116,6 +118,19 @@ class LanguageModel:
     def token_count(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of `text` that is at most `max_tokens` tokens, cut at a token boundary of the
+        original string (no decode round trip, which would re-space or normalize the text)."""
+        if not getattr(self.tokenizer, "is_fast", False):  # offsets need a fast tokenizer: decode instead
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return text if len(ids) <= max_tokens else self.tokenizer.decode(ids[:max_tokens])
+        enc = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_tokens,
+                             return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) < max_tokens:
+            return text  # shorter than the bound: nothing was cut
+        return text[:offsets[-1][1]]
+
     def label_token_ids(self, verbalizers: tuple[str, ...] | list[str]) -> torch.Tensor:
         """First token of each verbalizer, [L]; they must be distinct or the labels cannot be told apart."""
         firsts = [self.tokenizer(v, add_special_tokens=False)["input_ids"][0] for v in verbalizers]
@@ -186,8 +201,11 @@ class LanguageModel:
         return self.label_logits(self.embed(ids), mask, label_ids)
 
     @torch.no_grad()
-    def generate(self, messages: list[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuation of each user message (chat template when the tokenizer has one)."""
+    def generate(self, messages: list[str], max_new_tokens: int, stop: threading.Event | None = None) -> list[str]:
+        """Greedy continuation of each user message (chat template when the tokenizer has one).
+
+        `stop`: generation ends at the next token once it is set (the callers went away); what was generated
+        so far is returned."""
         if getattr(self.tokenizer, "chat_template", None):
             prompts = [
                 self.tokenizer.apply_chat_template([{"role": "user", "content": m}], tokenize=False, add_generation_prompt=True)
@@ -201,9 +219,20 @@ class LanguageModel:
             enc = self.tokenizer(prompts, padding="longest", return_tensors="pt", add_special_tokens=add_special).to(self.device)
         finally:
             self.tokenizer.padding_side = "right"
+        criteria = StoppingCriteriaList([_StopWhenSet(stop)]) if stop is not None else None
         out = self.model.generate(
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
-            temperature=None, top_p=None, top_k=None,
+            temperature=None, top_p=None, top_k=None, stopping_criteria=criteria,
         )
         new = out[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends every row of a generation once `event` is set (checked once per generated token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

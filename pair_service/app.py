@@ -57,17 +57,17 @@ class PairService(BaseService):
                 receiver_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name]
 
     def load(self) -> str:
-        receiver_lm, receiver_bridges = load_side(self.receiver_settings, "receiver", self._preloaded_receiver)
+        receiver_lm, receiver_bridges = load_side(self.receiver_settings, "receiver", self._preloaded_receiver, self.state)
         check_message_size(self.receiver_settings, receiver_bridges)
         self.receiver_runtime = build_receiver_runtime(receiver_lm, receiver_bridges, self.receiver_settings.fast_path)
         self.soft_tokens.bind(self.receiver_runtime.classify_latents)
         self.texts.bind(self.receiver_runtime.classify_text)
         self.receiver_slot.fill(self.receiver_runtime.engine)
 
-        lm, bridges = load_side(self.settings, "sender", self._preloaded)
+        lm, bridges = load_side(self.settings, "sender", self._preloaded, self.state)
         self.runtime = build_sender_runtime(lm, bridges, self.settings.fast_path)
         self.encoder.bind(self.runtime.encode)
-        self.generator.bind(self.runtime.generate)
+        self.generator.bind(self.runtime.generate, stoppable=True)
         self.engine_slot.fill(self.runtime.engine)
 
         self.pair_work = PairWork(self.runtime, self.receiver_runtime)

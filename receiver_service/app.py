@@ -36,7 +36,7 @@ class ReceiverService(BaseService):
         self.grpc.add_servicer(receiver_pb2_grpc.add_ReceiverServicer_to_server, self.servicer)
 
     def load(self) -> str:
-        lm, bridges = load_side(self.settings, "receiver", self._preloaded)
+        lm, bridges = load_side(self.settings, "receiver", self._preloaded, self.state)
         check_message_size(self.settings, bridges)
         self.runtime = build_receiver_runtime(lm, bridges, self.settings.fast_path)
         self.soft_tokens.bind(self.runtime.classify_latents)

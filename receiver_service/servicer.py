@@ -123,7 +123,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         self.state.check(need_ready=False)
         return receiver_pb2.ReceiverInfoResponse(
             version=VERSION, model=model_info(self.engine.lm), tasks=sorted(self.engine.bridges.by_task),
-            limits=limits(self.settings), wire_dtypes=list(WIRE_DTYPES),
+            limits=limits(self.settings), wire_dtypes=list(WIRE_DTYPES), state=self.state.describe(),
         )
 
     # ---- the stream -----------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ class SenderService(BaseService):
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
 
     def load(self) -> str:
-        lm, bridges = load_side(self.settings, "sender", self._preloaded)
+        lm, bridges = load_side(self.settings, "sender", self._preloaded, self.state)
         self.runtime = build_sender_runtime(lm, bridges, self.settings.fast_path)
         self.encoder.bind(self.runtime.encode)
-        self.generator.bind(self.runtime.generate)
+        self.generator.bind(self.runtime.generate, stoppable=True)
         self.engine_slot.fill(self.runtime.engine)
         return lm.spec
 

@@ -159,5 +159,5 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         return sender_pb2.SenderInfoResponse(
             version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in self.engine.bridges.metas()],
             limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.link.address,
-            receiver_connected=self.link.connected,
+            receiver_connected=self.link.connected, state=self.state.describe(),
         )

@@ -6,6 +6,7 @@ Real services (tiny random pair, in-process), real uvicorn, httpx over loopback.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -17,6 +18,7 @@ from telepathy.receiver_service.app import build_receiver
 from telepathy.receiver_service.settings import ReceiverSettings
 from telepathy.sender_service.app import build_sender
 from telepathy.sender_service.settings import SenderSettings
+from telepathy.serving.lifecycle import WARMUP_PHASE
 from telepathy.testing import GatewayThread, ServiceThread, make_untrained_bridges
 
 SST2 = {"text": "a gripping , beautifully acted film", "task": "sst2"}
@@ -91,3 +93,44 @@ def test_service_stopped_gives_503_then_recovers(bridges, tiny_sender, tiny_rece
         gw.stop()
         sender.stop(grace=0.5)
         receiver.stop(grace=0.5)
+
+
+def test_readyz_says_what_start_up_waits_for(bridges, tiny_sender, tiny_receiver):
+    """/readyz during start-up: 503 naming what each starting service does (its model, its warm-up), then 200."""
+    gates = {"receiver": threading.Event(), "sender": threading.Event()}
+
+    def held(service, name):
+        warm = service.warmup
+        service.warmup = lambda: (gates[name].wait(), warm())  # the real warm-up, once the test has looked
+        return service
+
+    receiver = ServiceThread(lambda: held(build_receiver(ReceiverSettings(
+        model=TINY_RECEIVER, bridges=bridges, port=0, grace_s=0.5), tiny_receiver), "receiver"),
+        "receiver").start(wait=False)
+    sender = gw = None
+    try:
+        _eventually(lambda: receiver.service.state.loaded)
+        sender = ServiceThread(lambda: held(build_sender(SenderSettings(
+            model=TINY_SENDER, bridges=bridges, port=0, receiver_addr=receiver.address, grace_s=0.5), tiny_sender),
+            "sender"), "sender").start(wait=False)
+        _eventually(lambda: sender.service.state.loaded)
+        gw = GatewayThread(GatewaySettings(port=0, sender_addr=sender.address, receiver_addr=receiver.address)).start()
+        with httpx.Client(base_url=gw.url, timeout=30.0) as c:
+            r = c.get("/readyz")
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["waiting"] == {"sender": WARMUP_PHASE, "receiver": WARMUP_PHASE}
+            assert r.json()["error"]["message"] == (
+                f"not ready: sender NOT_SERVING, receiver NOT_SERVING, link DISCONNECTED; sender is {WARMUP_PHASE}; "
+                f"receiver is {WARMUP_PHASE}")
+            gates["receiver"].set()
+            assert _eventually(lambda: c.get("/readyz").json().get("waiting") == {"sender": WARMUP_PHASE})
+            gates["sender"].set()
+            assert _eventually(lambda: c.get("/readyz").status_code == 200)
+            assert "waiting" not in c.get("/readyz").json()
+            assert c.post("/v1/classify", json=SST2).status_code == 200
+    finally:
+        for gate in gates.values():
+            gate.set()
+        for thread in (gw, sender, receiver):
+            if thread is not None:
+                thread.stop()

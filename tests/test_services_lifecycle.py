@@ -54,12 +54,44 @@ def test_not_serving_and_unavailable_while_loading(tiny_bridges_dir):
         assert _health(address) == NOT_SERVING and _health(address, "telepathy.v1.Receiver") == NOT_SERVING
         stub = receiver_stub(address)
         err = rpc_error(stub.ClassifyText, receiver_pb2.ClassifyTextRequest(task="sst2", text="hi"), timeout=TIMEOUT)
-        assert_status(err, C.UNAVAILABLE, "receiver is loading its model; retry shortly", exact=True)
+        assert_status(err, C.UNAVAILABLE, f"receiver is loading its model ({TINY_RECEIVER}); retry shortly",
+                      exact=True)
         err = rpc_error(stub.Info, receiver_pb2.ReceiverInfoRequest(), timeout=TIMEOUT)
-        assert_status(err, C.UNAVAILABLE, "receiver is loading its model; retry shortly", exact=True)
+        assert_status(err, C.UNAVAILABLE, f"receiver is loading its model ({TINY_RECEIVER}); retry shortly",
+                      exact=True)
         gate.set()
         receiver.wait_started(TIMEOUT)
         assert _health(address) == SERVING
+        assert stub.ClassifyText(receiver_pb2.ClassifyTextRequest(task="sst2", text="hi"), timeout=TIMEOUT).result.task == "sst2"
+    finally:
+        gate.set()
+        receiver.stop()
+
+
+def test_info_and_refusals_say_what_start_up_waits_for(tiny_bridges_dir):
+    """While it warms up, a service answers Info (state says so) and refuses inference naming the warm-up."""
+    gate = threading.Event()
+    lm = LanguageModel.load(TINY_RECEIVER)
+
+    def factory():
+        service = build_receiver(ReceiverSettings(port=0, model=TINY_RECEIVER, bridges=str(tiny_bridges_dir)), lm)
+        warm = service.warmup
+        service.warmup = lambda: (gate.wait(), warm())  # hold the real warm-up until the test has looked
+        return service
+
+    receiver = ServiceThread(factory, "receiver").start(wait=False)
+    try:
+        wait_for(lambda: receiver.service.state.loaded, what="the model to load")
+        stub = receiver_stub(receiver.address)
+        warming = ("warming up (a first batch through every bridge and the text path; on CUDA every batch "
+                   "size)")
+        assert stub.Info(receiver_pb2.ReceiverInfoRequest(), timeout=TIMEOUT).state == warming
+        err = rpc_error(stub.ClassifyText, receiver_pb2.ClassifyTextRequest(task="sst2", text="hi"), timeout=TIMEOUT)
+        assert_status(err, C.UNAVAILABLE, f"receiver is {warming}; retry shortly", exact=True)
+        assert _health(receiver.address) == NOT_SERVING
+        gate.set()
+        receiver.wait_started(TIMEOUT)
+        assert stub.Info(receiver_pb2.ReceiverInfoRequest(), timeout=TIMEOUT).state == "serving"
         assert stub.ClassifyText(receiver_pb2.ClassifyTextRequest(task="sst2", text="hi"), timeout=TIMEOUT).result.task == "sst2"
     finally:
         gate.set()

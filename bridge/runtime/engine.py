@@ -9,6 +9,7 @@ The gRPC servicers convert protobuf ↔ tensors and call these; so do `telepathy
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,9 +107,15 @@ class SenderEngine:
         latents, meta = self.encode(texts, task, bridge_id)
         return encode_batch(latents, wire_dtype), meta
 
-    def relay(self, texts: list[str], task: str, max_tokens: int) -> list[str]:
+    def relay(self, texts: list[str], task: str, max_tokens: int, stop: threading.Event | None = None) -> list[str]:
+        """Text path: each text → the relay the sender writes about it, at most `max_tokens` new tokens.
+
+        The sender reads at most max_text_tokens tokens of each text, as the bridge path does (tokenize
+        truncates there): a 4,000-character input costs a bounded prompt, not an unbounded one. `stop` ends
+        generation early when nobody waits for it any more."""
         spec = get_task(task)
-        return self.lm.generate([spec.relay_message(t) for t in texts], max_new_tokens=max_tokens)
+        messages = [spec.relay_message(self.lm.truncate(t, self.max_text_tokens)) for t in texts]
+        return self.lm.generate(messages, max_new_tokens=max_tokens, stop=stop)
 
 
 @dataclass
@@ -119,10 +126,11 @@ class _ReceiverInputs:
 
 
 class ReceiverEngine:
-    def __init__(self, lm: LanguageModel, bridges: BridgeSet, max_text_tokens: int = 512):
+    def __init__(self, lm: LanguageModel, bridges: BridgeSet, max_text_tokens: int = 512, max_input_tokens: int = 256):
         self.lm = lm
         self.bridges = bridges
-        self.max_text_tokens = max_text_tokens
+        self.max_text_tokens = max_text_tokens  # the whole prompt
+        self.max_input_tokens = max_input_tokens  # the text inside it (relay or raw input), as on the sender
         self._inputs: dict[str, _ReceiverInputs] = {}
         self._label_ids: dict[str, torch.Tensor] = {}
 
@@ -164,5 +172,7 @@ class ReceiverEngine:
     def classify_text(self, texts: list[str], task: str, relayed: bool = True) -> torch.Tensor:
         """Text path: relay texts (or raw inputs when relayed=False) → label probabilities [B, L]."""
         spec: TaskSpec = get_task(task)
+        # Cut the text, not the prompt: truncating the prompt would drop the answer cue at its end.
+        texts = [self.lm.truncate(t, self.max_input_tokens) for t in texts]
         prompts = [spec.relay_prompt_for_receiver(t) if relayed else spec.text_prompt(t) for t in texts]
         return self.lm.classify_prompts(prompts, self.label_ids(task), max_length=self.max_text_tokens).softmax(dim=-1)

@@ -12,6 +12,7 @@ thread (the services' model thread). Services bind them to their batchers and ne
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,6 +43,15 @@ def fast_path_config(mode: str, device: torch.device | str) -> FastPathConfig | 
     return FastPathConfig.from_env(os.environ)
 
 
+def warmup_rows(batch_size: int, fast: bool) -> int:
+    """Rows per warm-up batch. The fast path captures static shapes, so it warms the largest batch (and its
+    buckets). Eager PyTorch has no per-shape cost, only first-call set-up, which one row pays as well as 32: on 2
+    CPU cores the embedded pair's warm-up takes 0.6 s (sender) and 0.4 s (receiver) with one row against 9.4 s
+    and 3.4 s with 32 (tools/bench_cold_start.py --warmup-cost), and the first requests after it are no slower
+    than repeats of them."""
+    return batch_size if fast else 1
+
+
 class SenderRuntime:
     """The sender's batch functions over `engine`; `fast` (SenderFastPath) takes over encode_wire when given."""
 
@@ -59,17 +69,20 @@ class SenderRuntime:
         wires, _ = self.encoder.encode_wire(texts, task, dtype, bridge_id)
         return wires
 
-    def generate(self, key: tuple[str, int], texts: list[str]) -> list[tuple[str, int]]:
-        """key = (task, max new tokens); B texts → B (relay text, its token count)."""
+    def generate(self, key: tuple[str, int], texts: list[str],
+                 abandoned: threading.Event | None = None) -> list[tuple[str, int]]:
+        """key = (task, max new tokens); B texts → B (relay text, its token count). Generation stops at the next
+        token once `abandoned` is set (the batcher sets it when every caller of the batch has gone)."""
         task, max_tokens = key
-        relays = self.engine.relay(texts, task, max_tokens)
+        relays = self.engine.relay(texts, task, max_tokens, stop=abandoned)
         tok = self.engine.lm.tokenizer
         return [(r, len(tok(r, add_special_tokens=False)["input_ids"])) for r in relays]
 
-    def warmup(self, batch_size: int, wire_dtype: str) -> None:
-        """One max-size batch through every loaded encoder, and a short max-size generation. On the fast path, every
-        batch bucket a batch of ≤ batch_size can use, at lengths 16–128, so no request waits for a graph capture."""
-        texts = ["warm-up " * 8] * batch_size
+    def warmup(self, batch_size: int, wire_dtype: str, rows: int | None = None) -> None:
+        """One batch through every loaded encoder, and a short generation. On the fast path: max-size batches and
+        every batch bucket a batch of ≤ batch_size can use, at lengths 16–128, so no request waits for a graph
+        capture. Eager (the CPU) has no per-shape cost, only first-call set-up: one row is enough (warmup_rows)."""
+        texts = ["warm-up " * 8] * (rows or warmup_rows(batch_size, self.fast))
         for bridge_id, bridge in self.engine.bridges.by_id.items():
             self.encode((bridge.meta.task, bridge_id, wire_dtype), texts)
             if self.fast:
@@ -101,15 +114,17 @@ class ReceiverRuntime:
         """B relay texts of one task → B rows of label probabilities."""
         return self.classifier.classify_text(texts, task).cpu().tolist()  # [B, L]
 
-    def warmup(self, batch_size: int) -> None:
-        """One max-size batch through every loaded adapter and through the text path."""
+    def warmup(self, batch_size: int, rows: int | None = None) -> None:
+        """One batch through every loaded adapter and through the text path (max-size on the fast path, one row
+        eager: warmup_rows)."""
+        rows = rows or warmup_rows(batch_size, self.fast)
         for bridge_id, bridge in self.engine.bridges.by_id.items():
             c = bridge.meta.config
-            self.classify_latents(bridge_id, list(torch.randn(batch_size, c.num_latents, c.d_wire)))
+            self.classify_latents(bridge_id, list(torch.randn(rows, c.num_latents, c.d_wire)))
             if self.fast:  # every batch bucket, so no request waits for a capture
                 sizes = self.classifier.config.buckets_upto(batch_size)
                 self.classifier.warmup(bridge.meta.task, sizes, wire=None, bridge_id=bridge_id)
-        self.classify_text(next(iter(self.engine.bridges.by_task), next(iter(TASKS))), ["warm-up"] * batch_size)
+        self.classify_text(next(iter(self.engine.bridges.by_task), next(iter(TASKS))), ["warm-up"] * rows)
 
 
 def build_sender_runtime(lm: LanguageModel, bridges: BridgeSet, fast_path: str = "auto") -> SenderRuntime:

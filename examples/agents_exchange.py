@@ -58,7 +58,7 @@ def bob(receiver: ReceiverClient, payload: bytes) -> str:
     msg.ParseFromString(payload)
     result = receiver.classify(SoftTokens.from_pb(msg))
     print(f"bob:   the receiver reads alice's soft tokens as {result.label!r} "
-          f"({', '.join(f'{k} {v:.2f}' for k, v in result.probabilities.items())})")
+          f"({', '.join(f'{k} {v:.2f}' for k, v in result.scores.items())})")
     return result.label
 
 

@@ -5,18 +5,23 @@
     with SenderClient("127.0.0.1:50051") as sender, ReceiverClient("127.0.0.1:50052") as receiver:
         print(sender.relay("the match went to extra time", task="ag_news").label)     # full round trip
         soft = sender.encode("the match went to extra time", task="ag_news")           # SoftTokens, no receiver
-        print(receiver.classify(soft).probabilities)                                    # another agent reads them
+        print(receiver.classify(soft).scores)                                          # another agent reads them
         print(receiver.classify_latents(my_latents, task="ag_news", fingerprint=fp))   # an agent's own encoder
 
 Blocking (one sync gRPC channel per client; thread-safe). Token / TLS come from ClientSettings (by default
-from the environment: TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_CA, …). Every call has a deadline (`timeout`, else
-settings.timeout_s). Errors are grpc.RpcError: `.code()` is the status, `.details()` the message.
+from the environment: TELEPATHY_AUTH_TOKEN, TELEPATHY_TLS_CA, …). With no token there and a loopback address,
+the token `telepathy up` left for that port is used (see up_token_path), so a script on the same machine needs
+no configuration. Every call has a deadline (`timeout`, else settings.timeout_s). Errors are grpc.RpcError:
+`.code()` is the status, `.details()` the message.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from telepathy.config import is_loopback
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
 from telepathy.serving.channels import ClientSettings, call_timeout, make_sync_channel
 
@@ -31,7 +36,7 @@ class Classification:
     task: str
     label: str
     label_index: int
-    probabilities: dict[str, float]  # every label, in label order
+    scores: dict[str, float]  # every label → its probability, in label order (the HTTP API's `scores`)
     timings_us: dict[str, int]
     bridge_id: str = ""
 
@@ -84,10 +89,55 @@ class SoftTokens:
                                                                    raw_data=w.data, scales=w.scales))
 
 
+def up_token_path(port: int) -> Path:
+    """Where `telepathy up` leaves the service token of the gRPC port it serves (mode 0600, removed on stop):
+    $XDG_RUNTIME_DIR/telepathy/up-<port>.token, or ~/.cache/telepathy/up-<port>.token without XDG_RUNTIME_DIR."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) / "telepathy" if runtime else Path.home() / ".cache" / "telepathy"
+    return base / f"up-{port}.token"
+
+
+def _loopback_port(address: str) -> int | None:
+    """The port of a single loopback target ("127.0.0.1:50051", "[::1]:50051", "dns:///localhost:50051"), else None."""
+    target = address.strip()
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):]
+            break
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not is_loopback(host):
+        return None
+    return int(port)
+
+
+def read_up_token(address: str) -> str:
+    """The token `telepathy up` left for `address`; "" when the address is not loopback or there is none.
+
+    Only a file owned by this user and unreadable by anyone else counts: any other file is not one `up` wrote,
+    and a token planted by someone else must not be sent along."""
+    port = _loopback_port(address)
+    if port is None:
+        return ""
+    try:
+        fd = os.open(up_token_path(port), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return ""
+    with os.fdopen(fd, encoding="ascii", errors="replace") as f:
+        st = os.fstat(f.fileno())
+        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+            return ""
+        return f.read(4096).strip()
+
+
 class _Client:
     def __init__(self, address: str, settings: ClientSettings | None = None):
         self.address = address
-        self.settings = settings or ClientSettings.from_env()
+        settings = settings or ClientSettings.from_env()
+        if not settings.auth_token:
+            token = read_up_token(address)
+            if token:  # a copy: the caller's settings object may be shared with other clients
+                settings = settings.model_copy(update={"auth_token": token})
+        self.settings = settings
         self._channel = make_sync_channel(address, self.settings)
 
     def _timeout(self, timeout: float | None) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import replace
 
 import pytest
@@ -124,3 +126,19 @@ def test_bad_config_files(tmp_path, saved):
     cfg.write_text(json.dumps({**raw, "bridge": {**raw["bridge"], "d_model": 30}}))
     with pytest.raises(CheckpointError, match="must be divisible by num_heads"):
         read_meta(meta.path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_files_get_normal_permissions(tmp_path, tiny_sender, tiny_receiver, umask):
+    """0666 minus the umask, like any file the user writes (0644 under the usual 022): a 0600 model.safetensors
+    could not be read by the container images' non-root user."""
+    config = BridgeConfig(tiny_sender.hidden_size, tiny_receiver.hidden_size, sender_layer=2, num_latents=4,
+                          d_model=32, num_heads=4, d_wire=16, depth=1)
+    previous = os.umask(umask)
+    try:
+        meta = save_bridge(tmp_path / "b", Bridge(config), "sst2", tiny_sender.fingerprint(), tiny_receiver.fingerprint())
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in meta.path.iterdir()) == ["config.json", "model.safetensors"]  # no temp file left
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((meta.path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -4,6 +4,7 @@ and clear errors where a command's extra is not installed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,32 @@ def test_every_command_is_in_the_table_and_the_help(capsys):
             main([name, "--help"])
         assert info.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: telepathy {name}")
+
+
+def test_the_readme_command_table_lists_every_command():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("## Commands"):].split("\n## ", 1)[0]
+    listed = {m.split()[0] for m in re.findall(r"^\| `telepathy (\w[^`]*)`", table, re.M)}
+    assert listed == set(COMMAND_NAMES)
+
+
+def test_classify_json_and_the_sdk_say_scores_like_http(tiny_bridges_dir, capsys):
+    """One name for label → probability everywhere: the HTTP API's `scores`."""
+    from dataclasses import fields
+
+    from telepathy.client import Classification, RelayResult
+    from telepathy.gateway.protocol import ClassifyResponse
+
+    assert "scores" in ClassifyResponse.model_fields
+    for cls in (Classification, RelayResult):
+        names = {f.name for f in fields(cls)}
+        assert "scores" in names and "probabilities" not in names
+    assert main(["classify", "--task", "sst2", "--bridge", str(tiny_bridges_dir / "sst2"), "--device", "cpu",
+                 "--json", "a great film"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert "probabilities" not in doc and list(doc["scores"]) == ["negative", "positive"]
+    assert doc["label"] == max(doc["scores"], key=doc["scores"].get)
+    assert sum(doc["scores"].values()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_parser_and_every_help_import_nothing_heavy():

@@ -110,9 +110,9 @@ def test_classify_cli(sst2_bridges, capsys):
     bridge = str(sst2_bridges / "seed0")
     assert cli(["classify", "--task", "sst2", "--bridge", bridge, "--device", "cpu", "--json", "a great film"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["label"] in ("negative", "positive") and set(doc["probabilities"]) == {"negative", "positive"}
-    assert sum(doc["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert doc["label"] == max(doc["probabilities"], key=doc["probabilities"].get)
+    assert doc["label"] in ("negative", "positive") and set(doc["scores"]) == {"negative", "positive"}
+    assert sum(doc["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert doc["label"] == max(doc["scores"], key=doc["scores"].get)
     assert doc["wire"] == {"dtype": "int8", "bytes": 80} and doc["receiver"] == TINY_RECEIVER
     assert cli(["classify", "--task", "sst2", "--bridge", bridge, "--device", "cpu", "a great film"]) == 0
     lines = capsys.readouterr().out.splitlines()

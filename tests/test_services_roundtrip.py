@@ -122,10 +122,10 @@ def test_agent_clients_encode_then_classify(pair, tiny_bridges_dir):
         direct = r.classify(soft)
         relayed = s.relay(text, task="sst2", wire_dtype="fp16")
         assert direct.label == relayed.label
-        assert direct.probabilities == pytest.approx(relayed.probabilities, abs=1e-5)
+        assert direct.scores == pytest.approx(relayed.scores, abs=1e-5)
         assert set(direct.timings_us) == {"receiver_queue", "receiver_model", "total"}
         text_result = r.classify_text("great film", task="sst2")
-        assert set(text_result.probabilities) == {"negative", "positive"}
+        assert set(text_result.scores) == {"negative", "positive"}
 
 
 def test_agent_with_its_own_encoder(pair, reference):
@@ -134,7 +134,7 @@ def test_agent_with_its_own_encoder(pair, reference):
     with ReceiverClient(receiver.address) as r:
         result = r.classify_latents(latents[0], task="ag_news", fingerprint=meta.fingerprint, wire_dtype="fp32")
     expected = reference.receiver.classify_latents(latents, "ag_news")[0][0].tolist()
-    assert list(result.probabilities.values()) == pytest.approx(expected, abs=1e-5)
+    assert list(result.scores.values()) == pytest.approx(expected, abs=1e-5)
 
 
 def test_info_list_bridges_and_limits(pair, tiny_sender, tiny_receiver):

@@ -5,6 +5,9 @@ the run-config file train writes reproduces the run (`--config`, command-line op
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 from dataclasses import fields
 from pathlib import Path
 
@@ -212,6 +215,50 @@ def test_resume_cli_finishes_a_cut_run(tmp_path, tiny_sender, tiny_receiver, cap
     meta = read_meta(tmp_path)
     assert [h["step"] for h in meta.training["validation_history"]] == [3, 6]
     assert read_run_config(tmp_path / RUN_CONFIG_FILE)["steps"] == 6  # written once the resumed run is done
+
+
+WARMUP_WARNING = ("steps (2) < warmup_steps (5): the learning rate never reaches its peak 0.003 (the last step uses "
+                  "0.0012); use fewer warm-up steps (--warmup) or more steps (--steps)")
+
+
+def test_fewer_steps_than_warmup_warns_and_every_file_written_is_readable(tmp_path, caplog):
+    """A run shorter than its warm-up never reaches the peak learning rate: `telepathy train` says so. And every
+    file train, eval and report write (the bridge, the periodic checkpoint with the trainer state, diagnostics, the
+    run config, the hidden-state cache, results, summary, chart) gets 0666 minus the umask like any file the user
+    writes: safetensors alone makes 0600, which the container images' non-root user could not read."""
+    out, cache, results = tmp_path / "bridge", tmp_path / "cache", tmp_path / "results"
+    previous = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert cli(["train", "--task", "sst2", "--steps", "2", "--warmup", "5", "--lr", "0.003", "--eval-every", "2",
+                        "--checkpoint-every", "1", "--cache-dir", str(cache), "--out", str(out),
+                        *(a for a in TINY_CLI if a != "--no-cache")]) == 0
+        assert cli(["eval", "--task", "sst2", "--bridge", str(out), "--methods", "bridge", "--seeds", "1", "--limit", "8",
+                    "--device", "cpu", "--no-progress", "--out", str(results / "sst2.json")]) == 0
+        assert cli(["report", "--results", str(results)]) == 0
+    finally:
+        os.umask(previous)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w for w in warnings if "warmup_steps" in w] == [f"sst2-seed0: {WARMUP_WARNING}"]
+
+    written = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    for name in ("bridge/model.safetensors", "bridge/config.json", "bridge/diagnostics.jsonl",
+                 f"bridge/{RUN_CONFIG_FILE}", "bridge/checkpoints/step_000002/model.safetensors",
+                 "bridge/checkpoints/step_000002/trainer_state.safetensors",
+                 "bridge/checkpoints/step_000002/trainer_state.json", "results/sst2.json", "results/summary.md",
+                 "results/accuracy.png"):
+        assert name in written, sorted(written)
+    assert any(n.startswith("cache/") and n.endswith(".safetensors") for n in written), sorted(written)
+    wrong = {n: oct(m) for n, m in written.items() if m != (0o755 if (tmp_path / n).is_dir() else 0o644)}
+    assert not wrong, wrong
+
+
+def test_no_warmup_warning_when_the_run_reaches_the_peak(tiny_sender, tiny_receiver, caplog):
+    runs = make_bridge_runs([TrainConfig(task="sst2", steps=3, **TINY)], tiny_sender, tiny_receiver, [None],
+                            StatesStore())  # TINY: warmup_steps=3, so the last step runs at the peak
+    with caplog.at_level(logging.WARNING):
+        train_jointly(runs, 3, progress=False)
+    assert not [r for r in caplog.records if "warmup_steps" in r.getMessage()]
 
 
 @pytest.mark.slow

@@ -20,15 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from telepathy.bridge.checkpoint import unique_tmp, write_safetensors
 from telepathy.bridge.lm import LanguageModel
 
 CACHE_FORMAT = "telepathy-hidden-states-v1"
@@ -97,14 +96,13 @@ class SenderStates:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"states": self.states.contiguous().cpu(), "offsets": self.offsets.cpu(), "lengths": self.lengths.cpu()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
+        tmp = unique_tmp(path)
         try:
-            save_file(tensors, tmp, metadata={"format": CACHE_FORMAT, "layer": str(self.layer),
-                                              "sender_digest": self.sender_digest})
+            write_safetensors(tensors, tmp, metadata={"format": CACHE_FORMAT, "layer": str(self.layer),
+                                                      "sender_digest": self.sender_digest})
             os.replace(tmp, path)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> SenderStates:

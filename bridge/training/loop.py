@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from telepathy.bridge.checkpoint import CheckpointError
+from telepathy.bridge.checkpoint import CheckpointError, write_safetensors
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.training.config import TrainConfig
 from telepathy.bridge.training.data import BalancedSampler
@@ -211,7 +211,7 @@ class TrainRun:
         folder.mkdir(parents=True, exist_ok=True)
         self.save_weights(folder)
         tensors, info = self.trainer_state()
-        save_file(tensors, str(folder / "trainer_state.safetensors"))
+        write_safetensors(tensors, folder / "trainer_state.safetensors")
         tmp = folder / "trainer_state.json.tmp"
         tmp.write_text(json.dumps(info) + "\n", encoding="utf-8")
         os.replace(tmp, folder / "trainer_state.json")
@@ -277,6 +277,13 @@ def train_jointly(runs: list[TrainRun], steps: int, *, progress: bool = True, lo
     if any(r.receiver is not receiver for r in runs):
         raise ValueError("runs trained jointly must share one receiver")
     device = receiver.device
+    for r in runs:
+        c = r.config
+        if c.steps < c.warmup_steps and r.step < c.steps:
+            last = lr_at(c.steps - 1, c.steps, c.lr, c.warmup_steps, c.min_lr_ratio)
+            log.warning("%s: steps (%d) < warmup_steps (%d): the learning rate never reaches its peak %g (the last "
+                        "step uses %g); use fewer warm-up steps (--warmup) or more steps (--steps)",
+                        r.name, c.steps, c.warmup_steps, c.lr, last)
     groups: dict[str, list[TrainRun]] = {}
     for run in runs:
         groups.setdefault(run.pad_group(), []).append(run)

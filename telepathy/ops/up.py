@@ -11,7 +11,10 @@ Each child runs in its own process group (so a terminal Ctrl-C reaches only this
 children in order: gateway first so no new work arrives, then sender, then receiver), with PR_SET_PDEATHSIG on
 Linux (so even a SIGKILLed launcher leaves no orphans). Their output is streamed with a name prefix.
 A fresh random service token is shared by the three through the environment (not argv: `ps` would show it),
-so nothing else on the machine can call the services, unless TELEPATHY_AUTH_TOKEN is already set.
+so nothing else on the machine can call the services, unless TELEPATHY_AUTH_TOKEN is already set. So that the
+user's own gRPC clients can call them, that generated token is also written, mode 0600, to
+telepathy.client.up_token_path(port) for each gRPC port (the banner names the file, never the token) and removed
+on stop; the agent SDK reads it by itself when it dials a loopback address with no token configured.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 import httpx
 
+from telepathy.client import up_token_path
 from telepathy.config import SHIPPED_BRIDGES
 
 # torch-free sources of the same constants as telepathy.bridge.models: the launcher never loads a model.
@@ -70,6 +75,10 @@ class UpConfig:
     def ports(self) -> list[int]:
         """The ports this configuration listens on (the pair has no receiver port of its own)."""
         return [self.port, self.sender_port] + ([] if self.pair else [self.receiver_port])
+
+    @property
+    def grpc_ports(self) -> list[int]:
+        return [self.sender_port] + ([] if self.pair else [self.receiver_port])
 
 
 class _Console:
@@ -112,6 +121,8 @@ class Launcher:
         self.pumps: list[threading.Thread] = []
         self.stop_requested = threading.Event()
         self.stop_signal: int | None = None
+        self.generated_token = ""  # set when this launcher made the token (not when TELEPATHY_AUTH_TOKEN was set)
+        self.token_files: list[Path] = []  # the up_token_path files written, removed on stop
 
     # -- commands ----------------------------------------------------------------------------------------------
     def commands(self) -> dict[str, list[str]]:
@@ -139,7 +150,8 @@ class Launcher:
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         if not env.get("TELEPATHY_AUTH_TOKEN"):
-            env["TELEPATHY_AUTH_TOKEN"] = secrets.token_urlsafe(24)
+            self.generated_token = self.generated_token or secrets.token_urlsafe(24)
+            env["TELEPATHY_AUTH_TOKEN"] = self.generated_token
         env["PYTHONUNBUFFERED"] = "1"  # log lines as they happen, not when a 4 KB buffer fills
         # Flags set every address explicitly; drop listen settings inherited from the shell so they cannot clash
         # (a TELEPATHY_METRICS_PORT meant for one service would make the second one fail to bind).
@@ -179,6 +191,8 @@ class Launcher:
     def start(self) -> None:
         env = self.environment()
         cmds = self.commands()
+        if self.generated_token:
+            self._write_token_files()
         # All are forked before any pump thread exists: preexec_fn is only safe in a single-threaded parent.
         for name in cmds:
             self.procs[name] = subprocess.Popen(
@@ -192,6 +206,34 @@ class Launcher:
             pump.start()
             self.pumps.append(pump)
 
+    def _write_token_files(self) -> None:
+        for port in self.config.grpc_ports:
+            path = up_token_path(port)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                # Created 0600 (never readable by others, not even for a moment), then moved over any stale file.
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as f:
+                    os.fchmod(f.fileno(), 0o600)  # the umask can only take bits away; this also undoes an odd one
+                    f.write(self.generated_token + "\n")
+                os.replace(tmp, path)
+            except OSError as exc:  # only local clients lose out; the services themselves are unaffected
+                self.say(f"could not write the service token file {path} ({exc}); gRPC clients need "
+                         "TELEPATHY_AUTH_TOKEN")
+                continue
+            self.token_files.append(path)
+
+    def _remove_token_files(self) -> None:
+        for path in self.token_files:
+            try:
+                # A later `telepathy up` on the same port may already have replaced it: leave its token alone.
+                if path.read_text(encoding="ascii").strip() == self.generated_token:
+                    path.unlink()
+            except OSError:
+                pass
+        self.token_files.clear()
+
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -204,26 +246,30 @@ class Launcher:
         return None
 
     def wait_ready(self) -> int | None:
-        """None once /readyz says 200; else the exit code to leave with."""
+        """None once /readyz says 200; else the exit code to leave with. Says what start-up waits for (the
+        services' own words, from /readyz) when that changes, and again every 15 s while it does not."""
         deadline = time.monotonic() + self.config.startup_timeout_s
-        last_note = time.monotonic()
+        said, said_at = "", time.monotonic()
         with httpx.Client(timeout=3.0) as client:
             while not self.stop_requested.is_set():
                 dead = self._dead()
                 if dead:
                     self.say(f"{dead} exited ({_describe_exit(self.procs[dead].returncode)}) during start-up; stopping")
                     return 1
+                doing = "the gateway is starting"
                 try:
-                    if client.get(f"{self.config.url}/readyz").status_code == 200:
+                    r = client.get(f"{self.config.url}/readyz")
+                    if r.status_code == 200:
                         return None
+                    doing = _waiting_for(r) or doing
                 except httpx.HTTPError:
                     pass
                 if time.monotonic() > deadline:
-                    self.say(f"not ready after {self.config.startup_timeout_s:.0f} s; stopping")
+                    self.say(f"not ready after {self.config.startup_timeout_s:.0f} s ({doing}); stopping")
                     return 1
-                if time.monotonic() - last_note > 30:
-                    self.say("still starting (the first run converts the embedded models; later runs are fast)…")
-                    last_note = time.monotonic()
+                if doing != said or time.monotonic() - said_at > 15:
+                    self.say(f"waiting: {doing}")
+                    said, said_at = doing, time.monotonic()
                 self.stop_requested.wait(0.5)
         return 0  # stopped by a signal before ready: a clean, requested stop
 
@@ -248,6 +294,11 @@ class Launcher:
         if path == "text":
             self.say(f"  no bridge for any task under {self.config.bridges}: the bridge path answers 404; "
                      "the text path works")
+        if self.token_files:
+            self.say(f"  gRPC service token in {', '.join(map(str, self.token_files))} (readable by you only; "
+                     "telepathy.client uses it on loopback by itself)")
+        elif not self.generated_token:
+            self.say("  gRPC service token: the TELEPATHY_AUTH_TOKEN you set")
         self.say("Try:")
         self.say(f"  curl -s {url}/v1/classify -H 'Content-Type: application/json'{key} -d '{body}'")
         self.say(f"  curl -s {url}/v1/compare -H 'Content-Type: application/json'{key} "
@@ -284,6 +335,20 @@ class Launcher:
         for name, proc in self.procs.items():
             self.say(f"{name} stopped ({_describe_exit(proc.returncode)})")
         self.procs.clear()
+        self._remove_token_files()
+
+
+def _waiting_for(r: httpx.Response) -> str:
+    """What a 503 from /readyz says the services are doing ("sender is warming up (…)"), else ""."""
+    try:
+        body = r.json()
+    except ValueError:
+        return ""
+    waiting = body.get("waiting") or {}
+    if waiting:
+        return "; ".join(f"{name} is {what}" for name, what in waiting.items())
+    services = body.get("services") or {}
+    return ", ".join(f"{k} {v}" for k, v in services.items())
 
 
 def _describe_exit(code: int | None) -> str:

@@ -105,8 +105,9 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         (relay_text, _), timing = await self._generate(
             request.text, request.task, request.max_relay_tokens, deadline, "max_relay_tokens")
         # A long relay (up to max_relay_tokens) can spell more characters than a receiver accepts in a text; it
-        # reads only its first max_input_tokens tokens anyway, so the cut loses nothing it would have read.
-        relay_text = relay_text[:self.settings.max_text_chars]
+        # reads only its first max_input_tokens tokens anyway, so the cut loses nothing it would have read. A NUL
+        # the model wrote would be refused as the client's bad input: it carries nothing, so it goes.
+        relay_text = relay_text.replace("\x00", "")[:self.settings.max_text_chars]
         item = receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(task=request.task, text=relay_text))
         return await self._relay(request, item, timing, received, deadline, sender_pb2.PATH_TEXT,
                                  len(relay_text.encode("utf-8")), relay_text)

@@ -1,5 +1,5 @@
 """Shared helpers for the deployment tests (tests/test_deploy_*.py), which check the deployment files without a
-container engine (none runs on these machines); docs/DEPLOYMENT.md, "What was verified", lists what they prove.
+container engine (so they run where none is installed); docs/DEPLOYMENT.md, "What was verified", lists what they prove.
 
 Here: the paths and targets, each image role's requirements computed from pyproject.toml (core + the role's
 extra) and the modules it leaves out, a Dockerfile stage parser, the "module left out of this image" blocker,

@@ -1,6 +1,6 @@
 """The whole GPU experiment: wire ablation → bridges for every task × seed → every baseline, on full test splits.
 
-    python tools/gpu_experiments.py --role all --work /tmp/telepathy-run --pack $OUT
+    python tools/gpu_experiments.py --role all --work runs/gpu --pack runs/gpu-out
 
 Roles (every method's results merge into results/<task>.json under a file lock, so roles may also run as
 separate processes; on one GPU that is slower — time-slicing — so run `--role all`):
@@ -68,8 +68,8 @@ ROLE_METHODS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="/tmp/telepathy-run", help="working folder (bridges, results)")
-    p.add_argument("--pack", default=None, help="folder for the returned archives (e.g. $OUT)")
+    p.add_argument("--work", default="runs/gpu", help="working folder (bridges, results)")
+    p.add_argument("--pack", default=None, help="folder for the archives to copy back from a GPU host (e.g. runs/gpu-out)")
     p.add_argument("--sender", default=DEFAULT_SENDER)
     p.add_argument("--receiver", default=DEFAULT_RECEIVER)
     p.add_argument("--tasks", default="ag_news,trec,sst2")
@@ -128,7 +128,7 @@ def d_wire_of(text: str, d_model: int) -> int:
 
 
 class Packer:
-    """Archives for the device's $OUT: results.tar.gz + shipped_<task>.tar, each replaced atomically."""
+    """Archives for the --pack folder: results.tar.gz + shipped_<task>.tar, each replaced atomically."""
 
     def __init__(self, work: Path, pack: Path | None):
         self.work, self.pack = work, pack

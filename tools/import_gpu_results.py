@@ -29,11 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files_at", help="the folder a GPU run's packed results are in (gpu_experiments.py --pack)")
+    p.add_argument("pack_dir", help="the folder a GPU run's packed results are in (gpu_experiments.py --pack)")
     p.add_argument("--results", default=str(ROOT / "results"))
     p.add_argument("--bridges", default=str(ROOT / "bridge" / "bridges"))
     args = p.parse_args(argv)
-    src, results, bridges = Path(args.files_at), Path(args.results), Path(args.bridges)
+    src, results, bridges = Path(args.pack_dir), Path(args.results), Path(args.bridges)
 
     archive = src / "results.tar.gz"
     if archive.exists():

@@ -27,6 +27,7 @@ from transformers import (
     MistralConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from telepathy.contract import DEFAULT_RECEIVER, DEFAULT_SENDER  # noqa: E402, F401 - re-exported
@@ -83,6 +84,24 @@ def _tiny_gemma() -> Gemma3TextConfig:
     )
 
 
+def _tiny_qwen2() -> Qwen2Config:
+    # Qwen2: biased q/k/v projections; 80 wide so no two tiny families share a hidden size (shape bugs show).
+    return Qwen2Config(
+        vocab_size=_tiny_vocab_size(), hidden_size=80, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def _tiny_mistral() -> MistralConfig:
+    # Mistral: untied input / output embeddings (label scoring reads lm_head, not the embedding matrix).
+    return MistralConfig(
+        vocab_size=_tiny_vocab_size(), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=1024, sliding_window=None,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
 def _llama_3_1_8b() -> LlamaConfig:
     return LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -105,6 +124,8 @@ def _mistral_7b() -> MistralConfig:
 RANDOM_PRESETS: dict[str, Callable[[], Any]] = {
     "tiny-llama": _tiny_llama,
     "tiny-gemma": _tiny_gemma,
+    "tiny-qwen2": _tiny_qwen2,
+    "tiny-mistral": _tiny_mistral,
     "llama-3.1-8b": _llama_3_1_8b,
     "mistral-7b-v0.3": _mistral_7b,
 }

@@ -179,7 +179,7 @@ def cache_root() -> Path:
 def _override_file(preset: EmbeddedPreset) -> Path | None:
     """The final .gguf in ``$TELEPATHY_MODEL_FILES``, if that folder is set and holds it.
 
-    Used where wheels cannot be installed (the GPU device gets the files carried in by hand).
+    Used where the wheels cannot be installed (the files copied onto the machine by hand).
     """
     folder = os.environ.get(MODEL_FILES_ENV)
     if not folder:
@@ -398,6 +398,21 @@ def _drop_quantization_config(config: Any) -> None:
         config.quantization_config = None
 
 
+MIN_TRANSFORMERS_FOR_GGUF = (5, 24)
+
+
+def check_gguf_tokenizers(version: str) -> None:
+    """Refuse transformers older than 5.24 before converting: they dequantize the weights right but build these
+    GGUF tokenizers wrongly (Gemma split into characters, so its verbalizers collide and its relays are garbage;
+    SmolLM2's EOS set to <|im_start|>), and a folder converted with them stays wrong in the cache."""
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_TRANSFORMERS_FOR_GGUF:
+        need = ".".join(map(str, MIN_TRANSFORMERS_FOR_GGUF))
+        raise RuntimeError(f"transformers {version} builds the embedded models' GGUF tokenizers wrongly; install "
+                           f"transformers>={need} (pip install 'transformers>={need},<6'), see docs/RESULTS.md, "
+                           "'Tokenizers'")
+
+
 def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> dict[str, Any]:
     """Dequantize ``gguf`` into a plain transformers folder ``out_dir`` (config, safetensors, tokenizer).
 
@@ -410,6 +425,7 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: str = "bfloat16") -> dict[str
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    check_gguf_tokenizers(transformers.__version__)
     torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)

@@ -26,6 +26,7 @@ from telepathy.bridge.embedded import (
     all_requirements,
     assemble_gguf,
     cache_root,
+    check_gguf_tokenizers,
     converted_path,
     get_preset,
     gguf_path,
@@ -130,6 +131,20 @@ def test_preset_table_matches_the_model_files() -> None:
         assert len(preset.requirements) == len(preset.chunks)
         with pytest.raises(dataclasses.FrozenInstanceError):
             preset.size = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("version", ["5.17.0", "5.23.9", "4.57.1"])
+def test_conversion_refuses_transformers_that_build_wrong_gguf_tokenizers(version: str) -> None:
+    with pytest.raises(RuntimeError) as info:
+        check_gguf_tokenizers(version)
+    assert str(info.value) == (f"transformers {version} builds the embedded models' GGUF tokenizers wrongly; install "
+                               "transformers>=5.24 (pip install 'transformers>=5.24,<6'), see docs/RESULTS.md, "
+                               "'Tokenizers'")
+
+
+@pytest.mark.parametrize("version", ["5.24.0", "5.25.0", "5.30.0.dev0", "6.0.0"])
+def test_conversion_accepts_transformers_that_build_them_right(version: str) -> None:
+    check_gguf_tokenizers(version)
 
 
 def test_install_command_and_requirements() -> None:

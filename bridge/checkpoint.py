@@ -224,8 +224,8 @@ def check_task(meta: BridgeMeta, task: Task) -> None:
     if meta.task != task.name:
         raise CheckpointError(f"bridge {meta.path} was trained for task {meta.task!r}, not {task.name!r}")
     if meta.spec != task.spec:
-        raise CheckpointError(f"bridge {meta.path} was trained for a task {task.name!r} whose "
-                              f"{', '.join(task.spec.differences(meta.spec))} differ from {task.source}")
+        raise CheckpointError(f"bridge {meta.path} was trained for a task {task.name!r} that differs from "
+                              f"{task.source} in {', '.join(task.spec.differences(meta.spec))}")
 
 
 def _load_state(meta: BridgeMeta, prefix: str) -> dict[str, torch.Tensor]:

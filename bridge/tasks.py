@@ -351,9 +351,9 @@ def load_task_file(path: str | Path) -> Task:
     task = _read_task_file(path, data_dir=path.resolve().parent)
     same_name = BUILTINS.get(task.name)
     if same_name is not None and same_name.spec != task.spec:
-        raise TaskFileError(path, "name", f"{task.name!r} is the name of a built-in task ({same_name.source}), whose "
-                                          f"{', '.join(same_name.spec.differences(task.spec))} differ; give this "
-                                          "task another name")
+        raise TaskFileError(path, "name", f"{task.name!r} is the name of a built-in task ({same_name.source}), which "
+                                          f"differs in {', '.join(same_name.spec.differences(task.spec))}; give "
+                                          "this task another name")
     return task
 
 
@@ -392,7 +392,7 @@ class TaskCatalog(Mapping[str, TaskSpec]):
             if known is not None and known != spec:
                 raise TaskConflictError(
                     f"task {spec.name!r} of {origin} differs from the task of that name of {self._origins[spec.name]} "
-                    f"(their {', '.join(known.differences(spec))} differ); rename one of them")
+                    f"in {', '.join(known.differences(spec))}; rename one of them")
             self._specs.setdefault(spec.name, spec)
             self._origins.setdefault(spec.name, origin)
 

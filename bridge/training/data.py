@@ -52,6 +52,17 @@ def _read_rows(path: Path) -> tuple[list[str], dict[str, list]]:
         return list(table.column_names), table.to_dict()
 
 
+def _has_rows(path: Path) -> bool:
+    """Whether the file holds a row: a non-blank line (JSON Lines), or one after the header (CSV)."""
+    needed = 2 if DATA_FORMATS[path.suffix.lower()] == "csv" else 1
+    with path.open("rb") as f:
+        for line in f:
+            needed -= bool(line.strip())
+            if needed == 0:
+                return True
+    return False
+
+
 def _label_index(value, labels: tuple[str, ...]) -> int | str:
     """A data row's label (a name of `labels`, or its index) → the index; a string saying what is wrong otherwise."""
     if isinstance(value, bool) or value is None:
@@ -73,6 +84,8 @@ def load_split(task: Task | str, split: str, limit: int | None = None) -> list[E
     field = f"data.{split}"
     if not path.is_file():
         raise TaskFileError(task.source, field, f"{path} does not exist")
+    if not _has_rows(path):  # `datasets` would only say 'Instruction "train" corresponds to no data!'
+        raise TaskFileError(task.source, field, f"{path} has no rows")
     try:
         columns, table = _read_rows(path)
     except Exception as exc:  # noqa: BLE001 - datasets / pyarrow / pandas raise many types for a malformed file
@@ -104,7 +117,12 @@ def load_split(task: Task | str, split: str, limit: int | None = None) -> list[E
 def train_validation_split(task: Task | str, validation_size: int = 500,
                            seed: int = 0) -> tuple[list[Example], list[Example]]:
     """Carve a validation split out of train (never tune on test). Same seed → same split."""
+    task = task if isinstance(task, Task) else resolve_task(task)
     rows = load_split(task, "train")
+    if validation_size >= len(rows):
+        raise TaskFileError(task.source, "data.train", f"{len(rows)} rows; a validation split of {validation_size} "
+                                                       "rows carved from them leaves none to train on: ask for at "
+                                                       f"most {len(rows) - 1} (--validation-size)")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     validation_idx = set(order[:validation_size])

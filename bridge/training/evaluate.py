@@ -406,7 +406,7 @@ def eval_command(args: argparse.Namespace) -> int:
     try:
         documents = evaluate_task(task, sender, receiver, bridge_dirs, methods, Path(args.out), splits, settings,
                                   store)
-    except CheckpointError as exc:
+    except (CheckpointError, TaskFileError) as exc:
         return fail("eval", str(exc))
     for split, path in output_paths(Path(args.out), splits).items():
         print(format_table(documents[split]))

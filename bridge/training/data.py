@@ -27,15 +27,15 @@ class Example:
 @contextlib.contextmanager
 def _quiet_datasets():
     """`datasets` draws a progress bar per file read; these files are small and read often (eval, tests)."""
-    from datasets.utils import logging as ds_logging
+    import datasets
 
-    was_enabled = ds_logging.is_progress_bar_enabled()
-    ds_logging.disable_progress_bar()
+    was_enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
     try:
         yield
     finally:
         if was_enabled:
-            ds_logging.enable_progress_bar()
+            datasets.enable_progress_bars()
 
 
 def _read_rows(path: Path) -> tuple[list[str], dict[str, list]]:

@@ -258,6 +258,10 @@ def train_command(args: argparse.Namespace) -> int:
         return fail("train", f"--resume: no checkpoint under {out / 'checkpoints'}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         return fail("train", "--device cuda was asked for, but no CUDA device is available")
+    try:
+        TaskData.load(config)  # bad data, or too few rows, is said before minutes of model loading
+    except TaskFileError as exc:
+        return fail("train", str(exc))
     # The models' default dtype (bridge.models.default_dtype), named, so that the run config records it.
     dtype = dtype or ("float32" if config.device.split(":")[0] == "cpu" else "bfloat16")
     from telepathy.bridge.models import ModelSpecError

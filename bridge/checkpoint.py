@@ -1,7 +1,10 @@
 """Bridge checkpoints: a folder with `model.safetensors` (weights) + `config.json` (everything else).
 
-config.json holds the bridge config, the task and its labels, fingerprints of the sender and receiver the
-bridge was trained for, the sha256 of the weights file and training metadata. Loading checks the weights hash,
+config.json holds the bridge config, the task's whole spec (`task_spec`: labels, verbalizers, primer, prompts;
+bridge.tasks.TaskSpec), fingerprints of the sender and receiver the bridge was trained for, the sha256 of the weights
+file and training metadata. So a process that loads a bridge knows its task without any other file. Folders written
+before `task_spec` was stored get the built-in task of their name; `task`, `labels`, `verbalizers` and `primer` stay
+at the top level too, for the readers of those folders. Loading checks the weights hash,
 the tensor names and shapes, and (when given) the live models' fingerprints. Nothing is ever unpickled.
 """
 
@@ -16,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from telepathy.bridge.lm import ModelFingerprint
 from telepathy.bridge.resampler import Bridge, BridgeAdapter, BridgeConfig, BridgeEncoder
-from telepathy.bridge.tasks import get_task
+from telepathy.bridge.tasks import BUILTIN_TASKS, Task, TaskSpec, validation_problems
 
 FORMAT = "telepathy-bridge"
 FORMAT_VERSION = 1
@@ -41,14 +45,27 @@ class FingerprintMismatch(CheckpointError):
 class BridgeMeta:
     path: Path
     config: BridgeConfig
-    task: str
-    labels: list[str]
-    verbalizers: list[str]
-    primer: str
+    spec: TaskSpec  # the task the bridge was trained for
     sender: ModelFingerprint
     receiver: ModelFingerprint
     weights_sha256: str
     training: dict = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.spec.name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.spec.labels)
+
+    @property
+    def verbalizers(self) -> list[str]:
+        return list(self.spec.verbalizers)
+
+    @property
+    def primer(self) -> str:
+        return self.spec.primer
 
     @property
     def fingerprint(self) -> str:
@@ -68,6 +85,7 @@ class BridgeMeta:
             "labels": self.labels,
             "verbalizers": self.verbalizers,
             "primer": self.primer,
+            "task_spec": self.spec.to_dict(),
             "bridge": self.config.to_dict(),
             "sender": self.sender.to_dict(),
             "receiver": self.receiver.to_dict(),
@@ -109,7 +127,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
 def save_bridge(
     path: str | Path,
     bridge: Bridge,
-    task: str,
+    task: TaskSpec,
     sender: ModelFingerprint,
     receiver: ModelFingerprint,
     training: dict | None = None,
@@ -121,15 +139,13 @@ def save_bridge(
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    spec = get_task(task)
     state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in bridge.state_dict().items()}
     tmp_weights = unique_tmp(path / WEIGHTS)
     try:
         write_safetensors(state, tmp_weights, metadata={"format": FORMAT})
         meta = BridgeMeta(
-            path=path, config=bridge.config, task=task, labels=list(spec.labels), verbalizers=list(spec.verbalizers),
-            primer=spec.primer, sender=sender, receiver=receiver, weights_sha256=_sha256_file(tmp_weights),
-            training=training or {},
+            path=path, config=bridge.config, spec=task, sender=sender, receiver=receiver,
+            weights_sha256=_sha256_file(tmp_weights), training=training or {},
         )
         os.replace(tmp_weights, path / WEIGHTS)
     finally:
@@ -158,20 +174,40 @@ def read_meta(path: str | Path) -> BridgeMeta:
         meta = BridgeMeta(
             path=path,
             config=BridgeConfig.from_dict(raw["bridge"]),
-            task=str(raw["task"]),
-            labels=list(raw["labels"]),
-            verbalizers=list(raw["verbalizers"]),
-            primer=str(raw["primer"]),
+            spec=_task_spec(raw, config_file),
             sender=ModelFingerprint.from_dict(raw["sender"]),
             receiver=ModelFingerprint.from_dict(raw["receiver"]),
             weights_sha256=str(raw["weights_sha256"]),
             training=dict(raw.get("training", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{config_file}: missing or invalid field ({exc})") from exc
-    if len(meta.labels) != len(meta.verbalizers):
-        raise CheckpointError(f"{config_file}: {len(meta.labels)} labels but {len(meta.verbalizers)} verbalizers")
     return meta
+
+
+def _task_spec(raw: dict, config_file: Path) -> TaskSpec:
+    """The bridge's task: its stored `task_spec`, or (folders written before it was stored) the built-in task of
+    its name. Either way the top-level copies must agree with it: they are what older readers use."""
+    if "task_spec" in raw:
+        try:
+            spec = TaskSpec.model_validate(raw["task_spec"])
+        except ValidationError as exc:
+            problems = "; ".join(f"{field}: {problem}" for field, problem in validation_problems(exc))
+            raise CheckpointError(f"{config_file}: invalid task_spec ({problems})") from None
+    else:
+        spec = BUILTIN_TASKS.get(str(raw["task"]))
+        if spec is None:
+            raise CheckpointError(f"{config_file}: no task_spec, and {raw['task']!r} is not a built-in task, so the "
+                                  "bridge's task is unknown")
+    stored = {"task": spec.name, "labels": list(spec.labels), "verbalizers": list(spec.verbalizers),
+              "primer": spec.primer}
+    for key, expected in stored.items():
+        if raw[key] != expected:
+            source = "its task_spec" if "task_spec" in raw else f"the built-in task {spec.name!r}"
+            raise CheckpointError(f"{config_file}: {key} {raw[key]!r} differs from {source} ({expected!r})")
+    return spec
 
 
 def check_fingerprint(meta: BridgeMeta, role: str, live: ModelFingerprint) -> None:
@@ -181,6 +217,15 @@ def check_fingerprint(meta: BridgeMeta, role: str, live: ModelFingerprint) -> No
             f"bridge {meta.path} was trained for {role} {expected.describe()}, "
             f"but the loaded {role} is {live.describe()}"
         )
+
+
+def check_task(meta: BridgeMeta, task: Task) -> None:
+    """CheckpointError unless the bridge was trained for `task`: the same name and the same spec."""
+    if meta.task != task.name:
+        raise CheckpointError(f"bridge {meta.path} was trained for task {meta.task!r}, not {task.name!r}")
+    if meta.spec != task.spec:
+        raise CheckpointError(f"bridge {meta.path} was trained for a task {task.name!r} that differs from "
+                              f"{task.source} in {', '.join(task.spec.differences(meta.spec))}")
 
 
 def _load_state(meta: BridgeMeta, prefix: str) -> dict[str, torch.Tensor]:

@@ -5,7 +5,8 @@
 
 The same engines and codec the gRPC services use, without the network. By default the shipped bridge for the
 default pair is used (bridge/bridges/<sender>__<receiver>/<task>/); `--bridge DIR` takes another checkpoint, and
-then the models default to the ones that bridge was trained for.
+then the models default to the ones that bridge was trained for. `--task` is a built-in task's name or the path of a
+task file; with `--bridge` it may be left out: a bridge folder carries its task's spec.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from telepathy.bridge.checkpoint import (
     BridgeMeta,
     CheckpointError,
     FingerprintMismatch,
+    check_task,
     find_bridges,
     load_adapter,
     load_encoder,
@@ -29,7 +31,7 @@ from telepathy.bridge.codec import WIRE_DTYPES, decode_batch
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
 from telepathy.bridge.runtime.engine import SHIPPED_BRIDGES, BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
-from telepathy.bridge.tasks import UnknownTaskError, get_task
+from telepathy.bridge.tasks import TaskFileError, TaskSpec, UnknownTaskError, resolve_task
 from telepathy.bridge.training.train import DEFAULT_WIRE_DTYPE, fail, resolve_device
 
 
@@ -69,9 +71,11 @@ class Classifier:
 
 
 def classify_command(args: argparse.Namespace) -> int:
+    if not args.task and not args.bridge:
+        return fail("classify", "--task is required without --bridge (a bridge folder knows its task)")
     try:
-        spec = get_task(args.task)
-    except UnknownTaskError as exc:
+        task = resolve_task(args.task) if args.task else None
+    except (UnknownTaskError, TaskFileError) as exc:
         return fail("classify", str(exc))
     if not args.text.strip():
         return fail("classify", "the text to classify is empty")
@@ -81,17 +85,18 @@ def classify_command(args: argparse.Namespace) -> int:
         if not bridge_dir.exists():
             return fail("classify", f"bridge folder {bridge_dir} does not exist")
     else:
-        bridge_dir = shipped_bridge_dir(args.task, sender_spec, receiver_spec)
+        bridge_dir = shipped_bridge_dir(task.name, sender_spec, receiver_spec)
         if not find_bridges(bridge_dir):
-            return fail("classify", f"no shipped bridge for task {args.task!r} and the pair {sender_spec} → "
+            return fail("classify", f"no shipped bridge for task {task.name!r} and the pair {sender_spec} → "
                                     f"{receiver_spec} (looked in {bridge_dir}); train one with `telepathy train` "
                                     "and pass --bridge")
     try:
         meta = read_meta(bridge_dir)
+        if task is not None:
+            check_task(meta, task)
     except CheckpointError as exc:
         return fail("classify", str(exc))
-    if meta.task != args.task:
-        return fail("classify", f"bridge {bridge_dir} was trained for task {meta.task!r}, not {args.task!r}")
+    spec: TaskSpec = meta.spec  # what the bridge was trained for: the same as --task's, checked above
     if args.bridge:
         sender_spec = args.sender or meta.training.get("sender") or meta.sender.spec
         receiver_spec = args.receiver or meta.training.get("receiver") or meta.receiver.spec
@@ -102,12 +107,12 @@ def classify_command(args: argparse.Namespace) -> int:
         classifier = Classifier(sender, receiver, [bridge_dir], args.wire_dtype)
     except (ModelSpecError, FileNotFoundError, FingerprintMismatch, CheckpointError) as exc:
         return fail("classify", str(exc))
-    probs, meta, nbytes = classifier.classify([args.text], args.task)
+    probs, meta, nbytes = classifier.classify([args.text], spec.name)
     p = probs[0].tolist()
     best = max(range(len(p)), key=p.__getitem__)
     if args.json:
         print(json.dumps({
-            "task": args.task, "label": spec.labels[best], "scores": dict(zip(spec.labels, p)),
+            "task": spec.name, "label": spec.labels[best], "scores": dict(zip(spec.labels, p)),
             "bridge_id": meta.bridge_id, "sender": sender.spec, "receiver": receiver.spec,
             "wire": {"dtype": args.wire_dtype, "bytes": nbytes},
         }, indent=2))

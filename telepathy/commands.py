@@ -23,7 +23,7 @@ DTYPE_HELP = "model dtype (default: bf16 on CUDA, fp32 on CPU)"
 
 
 def _tasks() -> str:
-    return ", ".join(sorted(TASKS))
+    return f"a built-in task ({', '.join(TASKS)}) or the path of a task file (docs/TASKS.md)"
 
 
 def models_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +37,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help=f"run config (YAML, TOML or JSON; every `telepathy train` writes <out>/{RUN_CONFIG_FILE}): "
                         "its values, with the options given here over them")
-    p.add_argument("--task", default=None, help=f"one of {_tasks()} (required, here or in --config)")
+    p.add_argument("--task", default=None, help=f"{_tasks()}; required, here or in --config")
     p.add_argument("--sender", default=None, help=f"sender model spec (default {d['sender']})")
     p.add_argument("--receiver", default=None, help=f"receiver model spec (default {d['receiver']})")
     p.add_argument("--soft-tokens", type=int, default=None, help=f"K soft tokens (default {d['soft_tokens']})")
@@ -70,7 +70,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help=f"one of {_tasks()}")
+    p.add_argument("--task", required=True, help=_tasks())
     p.add_argument("--bridge", default=None, help="a bridge folder, or a folder of bridges (one per seed)")
     p.add_argument("--methods", default="all", help=f"'all' or a comma list of: {', '.join(EVAL_METHODS)}")
     p.add_argument("--seeds", type=int, default=3, help="bridges / few-shot draws / prompt-tuning runs (default 3)")
@@ -84,12 +84,12 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=list(MODEL_DTYPES), help=DTYPE_HELP)
     p.add_argument("--cache-dir", default=None, help="sender hidden-state cache folder (default: none)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True, help="results JSON, e.g. results/trec.json")
+    p.add_argument("--out", required=True, help="results JSON, e.g. results/<task>.json")
 
 
 def classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("text", help="the text to classify")
-    p.add_argument("--task", required=True, help=f"one of {_tasks()}")
+    p.add_argument("--task", default=None, help=f"{_tasks()}; may be left out with --bridge (the bridge knows its task)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--bridge", default=None, help="bridge checkpoint folder (default: the shipped one for the task)")
     p.add_argument("--sender", default=None, help=f"sender spec (default {DEFAULT_SENDER}, or the bridge's)")
@@ -101,3 +101,6 @@ def classify_arguments(p: argparse.ArgumentParser) -> None:
 def report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="folder of results/*.json (default %(default)s)")
     p.add_argument("--out", default=None, help="where summary.md and accuracy.png go (default: --results)")
+    p.add_argument("--task", action="append", default=None, metavar="TASK",
+                   help=f"report only this task ({_tasks()}; repeat for several, in column order); a task file also "
+                        "gives the labels of results that do not record them (default: every task in --results)")

@@ -107,21 +107,23 @@ def wait_until_serving(address: str, settings: ClientSettings | None = None, tim
 
 
 def make_untrained_bridges(root: str | Path, sender, receiver, tasks=None, **config) -> Path:
-    """One random-init bridge per task for the (sender, receiver) LanguageModels, saved as real checkpoints."""
+    """One random-init bridge per task for the (sender, receiver) LanguageModels, saved as real checkpoints under
+    root/<task>. `tasks`: built-in task names or TaskSpecs (default: every built-in task)."""
     import torch
 
     from telepathy.bridge.checkpoint import save_bridge
     from telepathy.bridge.resampler import Bridge, BridgeConfig
-    from telepathy.bridge.tasks import TASKS
+    from telepathy.bridge.tasks import TASKS, get_task
 
     root = Path(root)
     config = {"sender_layer": max(1, sender.num_layers // 2), "num_latents": 4, "d_model": 32, "depth": 1,
               "num_heads": 4, "d_wire": 16, **config}
     for i, task in enumerate(tasks or TASKS):
+        spec = get_task(task) if isinstance(task, str) else task
         torch.manual_seed(1000 + i)
         cfg = BridgeConfig(sender_hidden=sender.hidden_size, receiver_hidden=receiver.hidden_size, **config)
         bridge = Bridge(cfg, target_rms=receiver.embedding_rms_median())
-        save_bridge(root / task, bridge, task, sender.fingerprint(), receiver.fingerprint(), training={"steps": 0})
+        save_bridge(root / spec.name, bridge, spec, sender.fingerprint(), receiver.fingerprint(), training={"steps": 0})
     return root
 
 

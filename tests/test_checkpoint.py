@@ -22,6 +22,7 @@ from telepathy.bridge.checkpoint import (
     save_bridge,
 )
 from telepathy.bridge.resampler import Bridge, BridgeConfig
+from telepathy.bridge.tasks import get_task
 
 
 @pytest.fixture()
@@ -30,7 +31,7 @@ def saved(tmp_path, tiny_sender, tiny_receiver):
     config = BridgeConfig(tiny_sender.hidden_size, tiny_receiver.hidden_size, sender_layer=2, num_latents=4,
                           d_model=32, num_heads=4, d_wire=16, depth=1)
     bridge = Bridge(config, target_rms=tiny_receiver.embedding_rms_median())
-    meta = save_bridge(tmp_path / "b", bridge, "trec", tiny_sender.fingerprint(), tiny_receiver.fingerprint(),
+    meta = save_bridge(tmp_path / "b", bridge, get_task("trec"), tiny_sender.fingerprint(), tiny_receiver.fingerprint(),
                        training={"steps": 5})
     return bridge, meta
 
@@ -136,7 +137,7 @@ def test_checkpoint_files_get_normal_permissions(tmp_path, tiny_sender, tiny_rec
                           d_model=32, num_heads=4, d_wire=16, depth=1)
     previous = os.umask(umask)
     try:
-        meta = save_bridge(tmp_path / "b", Bridge(config), "sst2", tiny_sender.fingerprint(), tiny_receiver.fingerprint())
+        meta = save_bridge(tmp_path / "b", Bridge(config), get_task("sst2"), tiny_sender.fingerprint(), tiny_receiver.fingerprint())
     finally:
         os.umask(previous)
     assert sorted(p.name for p in meta.path.iterdir()) == ["config.json", "model.safetensors"]  # no temp file left

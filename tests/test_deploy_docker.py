@@ -7,7 +7,7 @@ verified"):
   torch from its own index, checked to be kept; gateway: `pip install ".[gateway]"`), and the roles computed
   here from pyproject (core + that extra) leave out only what the role never imports (the gateway and
   healthcheck commands run with everything of [serve]/[train] unimportable, the services without [train]'s
-  matplotlib; tqdm arrives with transformers); the wheel built from the context installs every file under the
+  matplotlib and datasets; tqdm arrives with transformers); the wheel built from the context installs every file under the
   `telepathy` namespace.
 """
 
@@ -293,8 +293,9 @@ def test_role_requirements_come_from_pyproject():
     # The modules the tests block: everything of [serve]/[train] for the gateway, the training-only ones for the
     # services (torch is in the model images; tqdm too, as a dependency of transformers).
     assert EXCLUDED_MODULES == {
-        "gateway": {"torch", "transformers", "gguf", "accelerate", "safetensors", "filelock", "matplotlib", "tqdm"},
-        "model": {"matplotlib"},
+        "gateway": {"torch", "transformers", "gguf", "accelerate", "safetensors", "filelock", "matplotlib", "tqdm",
+                    "datasets"},
+        "model": {"matplotlib", "datasets"},
     }
     assert "torch" not in EXCLUDED_MODULES["model"], "torch is in the model images"
     for role, modules in EXCLUDED_MODULES.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
-from telepathy.bridge.tasks import get_task
+from telepathy.bridge.tasks import BUILTINS, get_task
 from telepathy.bridge.training.baselines import PromptIds, PromptTuningRun, linear_probe, pick_shots, prompt_split
 from telepathy.bridge.training.data import load_split, train_validation_split
 from telepathy.bridge.training.evaluate import METHODS
@@ -83,7 +83,7 @@ def test_eval_errors(sst2_bridges, tmp_path, capsys):
 
     out = str(tmp_path / "r.json")
     assert error("--task", "imdb", "--bridge", str(sst2_bridges), "--out", out) == \
-        "telepathy eval: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec"
+        "telepathy eval: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec (or the path of a task file: .yaml, .yml or .json)"
     missing = tmp_path / "nope"
     assert error("--task", "sst2", "--bridge", str(missing), "--out", out) == \
         f"telepathy eval: error: bridge folder {missing} does not exist"
@@ -97,8 +97,9 @@ def test_eval_errors(sst2_bridges, tmp_path, capsys):
         "receiver_zero_shot, receiver_few_shot, text_relay, prompt_tuning, linear_probe"
     assert error("--task", "sst2", "--methods", "bridge", "--out", out) == \
         "telepathy eval: error: method 'bridge' needs --bridge"
-    assert error("--task", "trec", "--splits", "validation", "--methods", "linear_probe", "--out", out).startswith(
-        "telepathy eval: error: no split 'validation' for task 'trec'")
+    assert error("--task", "trec", "--splits", "validation", "--methods", "linear_probe", "--out", out) == \
+        f"telepathy eval: error: task file {BUILTINS['trec'].source}: data.validation: not set, so task 'trec' has " \
+        "no validation split (its splits: train, test)"
     # the bridge was trained for the tiny Gemma; the tiny Llama playing the receiver has another fingerprint
     message = error("--task", "sst2", "--bridge", str(sst2_bridges), "--receiver", TINY_SENDER, "--methods", "bridge",
                     "--out", out)
@@ -122,7 +123,7 @@ def test_classify_cli(sst2_bridges, capsys):
         assert cli(["classify", "--device", "cpu", *argv]) == 2
         return capsys.readouterr().err.strip()
 
-    assert error("--task", "imdb", "x") == "telepathy classify: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec"
+    assert error("--task", "imdb", "x") == "telepathy classify: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec (or the path of a task file: .yaml, .yml or .json)"
     assert error("--task", "sst2", "--bridge", "/no/such/bridge", "x") == \
         "telepathy classify: error: bridge folder /no/such/bridge does not exist"
     assert error("--task", "sst2", "--bridge", bridge, "   ") == "telepathy classify: error: the text to classify is empty"

@@ -193,7 +193,7 @@ def test_train_cli_and_its_errors(tmp_path, capsys):
         return capsys.readouterr().err.strip()
 
     assert error("--task", "imdb", "--out", str(tmp_path / "x"), *TINY_CLI) == \
-        "telepathy train: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec"
+        "telepathy train: error: unknown task 'imdb'; known tasks: ag_news, sst2, trec (or the path of a task file: .yaml, .yml or .json)"
     assert error("--task", "sst2", "--out", str(out), *TINY_CLI) == \
         f"telepathy train: error: {out} already holds a trained bridge; pass --resume to continue it or choose another --out"
     assert error("--task", "sst2", "--resume", "--out", str(tmp_path / "new"), *TINY_CLI) == \

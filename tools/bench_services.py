@@ -43,6 +43,7 @@ from google.protobuf import __version__ as protobuf_version
 
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import TINY_RECEIVER, TINY_SENDER
+from telepathy.bridge.tasks import BUILTIN_TASKS
 from telepathy.pair_service.app import build_pair
 from telepathy.pair_service.settings import PairSettings
 from telepathy.protos.v1 import common_pb2, sender_pb2, sender_pb2_grpc
@@ -181,7 +182,7 @@ def main() -> int:
     p.add_argument("--sender", default=TINY_SENDER, help="sender model spec")
     p.add_argument("--receiver", default=TINY_RECEIVER, help="receiver model spec")
     p.add_argument("--bridges", help="bridge folder (default: untrained bridges made for the pair)")
-    p.add_argument("--task", default="ag_news")
+    p.add_argument("--task", default=next(iter(BUILTIN_TASKS)), help="a built-in task (default: the first)")
     p.add_argument("--device", default="auto")
     p.add_argument("--sender-device", default=None, help="sender's device (default --device), e.g. cuda:0")
     p.add_argument("--receiver-device", default=None, help="receiver's device (default --device), e.g. cuda:1")

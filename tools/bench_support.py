@@ -32,10 +32,10 @@ from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.resampler import Bridge, BridgeConfig
 from telepathy.bridge.runtime.engine import BridgeSet, LoadedBridge, ReceiverEngine, SenderEngine
 from telepathy.bridge.runtime.fastpath import FastPathConfig, dequantize
-from telepathy.bridge.tasks import get_task
+from telepathy.bridge.tasks import BUILTIN_TASKS, get_task
 from telepathy.bridge.training.data import load_split
 
-TASK = "ag_news"
+TASK = next(iter(BUILTIN_TASKS))  # the first built-in task: news articles of mixed lengths
 
 
 # ---- timing -----------------------------------------------------------------------------------------------------
@@ -130,9 +130,8 @@ def build(args, device: torch.device):
     bridge = Bridge(config, target_rms=receiver.embedding_rms_median()).to(device=device, dtype=dtype).eval().requires_grad_(False)
     spec = get_task(TASK)
     meta = BridgeMeta(
-        path=Path("<random bridge, in memory>"), config=config, task=TASK, labels=list(spec.labels),
-        verbalizers=list(spec.verbalizers), primer=spec.primer, sender=sender.fingerprint(), receiver=receiver.fingerprint(),
-        weights_sha256="random-init-seed-0", training={"answer_prefix": spec.answer_prefix},
+        path=Path("<random bridge, in memory>"), config=config, spec=spec, sender=sender.fingerprint(),
+        receiver=receiver.fingerprint(), weights_sha256="random-init-seed-0", training={"answer_prefix": spec.answer_prefix},
     )
     s_engine = SenderEngine(sender, BridgeSet([LoadedBridge(meta, bridge.encoder)]))
     r_engine = ReceiverEngine(receiver, BridgeSet([LoadedBridge(meta, bridge.adapter)]))

@@ -26,7 +26,7 @@ def main() -> None:
                      "Summary:", "user assistant system", *spec.verbalizers):
             task_words += WORD.findall(text.lower())
     counts: Counter[str] = Counter()
-    for task in ("ag_news", "trec", "sst2"):
+    for task in TASKS:
         with (ROOT / "data" / task / "train.jsonl").open(encoding="utf-8") as f:
             for i, line in enumerate(f):
                 if i >= 5000:

@@ -37,6 +37,7 @@ from telepathy.bridge.checkpoint import read_meta
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER
 from telepathy.bridge.resampler import wire_bytes
+from telepathy.bridge.tasks import BUILTIN_TASKS, resolve_task
 from telepathy.bridge.training.data import load_split
 from telepathy.bridge.training.evaluate import EvalSettings, evaluate_task, format_table
 from telepathy.bridge.training.hidden_cache import StatesStore
@@ -72,14 +73,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack", default=None, help="folder for the archives to copy back from a GPU host (e.g. runs/gpu-out)")
     p.add_argument("--sender", default=DEFAULT_SENDER)
     p.add_argument("--receiver", default=DEFAULT_RECEIVER)
-    p.add_argument("--tasks", default="ag_news,trec,sst2")
+    p.add_argument("--tasks", default=",".join(BUILTIN_TASKS), help="comma list of built-in task names or task "
+                                                                     "files (default: every built-in task)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--num-heads", type=int, default=8)
-    p.add_argument("--ablation-task", default="trec")
+    p.add_argument("--ablation-task", default=None, help="task of the wire ablation (default: the first of --tasks)")
     p.add_argument("--ablation-k", default="8,16,32")
     p.add_argument("--ablation-d-wire", default="full,256,64")
     p.add_argument("--reference-k", type=int, default=16)
@@ -113,14 +115,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=None, help="baselines: skip methods that would start after this")
     p.add_argument("--sweep", default="K=8,d=64;K=32,d=256", help="role sweep: ';'-separated variants of K, d (d_wire), "
                                                                     "L (sender layer), lr")
-    p.add_argument("--sweep-task", default="sst2")
+    p.add_argument("--sweep-task", default=None, help="task of the sweep (default: the first of --tasks)")
     p.add_argument("--sweep-seeds", type=int, default=2)
     p.add_argument("--role", default="all", choices=["all", "bridges", "baselines", "prompt", "sweep", "pack"],
                    help="bridges: ablation + bridges + their eval; baselines / prompt: the other methods "
                         "(three processes can share one GPU); pack: archive results; all: everything in turn")
     p.add_argument("--threads", type=int, default=4, help="CPU threads per process")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    first = next(t for t in args.tasks.split(",") if t)
+    args.ablation_task, args.sweep_task = args.ablation_task or first, args.sweep_task or first
+    return args
 
 
 def d_wire_of(text: str, d_model: int) -> int:
@@ -186,7 +191,8 @@ def eval_settings(args, wire_dtype: str) -> EvalSettings:
 
 
 def splits_of(task: str) -> list[str]:
-    return ["test", "validation"] if task == "sst2" else ["test"]
+    """The evaluation splits a task has: test, then validation where the task file names one."""
+    return [s for s in ("test", "validation") if s in resolve_task(task).splits()]
 
 
 def run_ablation(args, sender, receiver, store, work: Path) -> tuple[dict, dict]:

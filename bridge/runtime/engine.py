@@ -4,12 +4,14 @@ SenderEngine: texts → sender hidden states at the bridge layer → BridgeEncod
 ReceiverEngine: wire latents → BridgeAdapter → [primer | K soft tokens | answer prefix] → label probabilities;
 or relay text → text prompt → label probabilities.
 The gRPC servicers convert protobuf ↔ tensors and call these; so do `telepathy classify`, eval and benches.
+Task specs come from the BridgeSet's TaskCatalog: the built-ins, the tasks the loaded bridges carry, and any given.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridge
 from telepathy.bridge.codec import WireTensor, encode_batch
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.resampler import BridgeAdapter, BridgeEncoder
-from telepathy.bridge.tasks import TaskSpec, get_task
+from telepathy.bridge.tasks import TaskCatalog, TaskSpec
 from telepathy.contract import SHIPPED_BRIDGES  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,17 @@ class LoadedBridge:
 
 
 class BridgeSet:
-    """Bridges loaded on one side, by id and by task (the first one found per task is the task's default)."""
+    """Bridges loaded on one side, by id and by task (the first one found per task is the task's default), and the
+    catalog of the tasks this side knows: the built-ins, the bridges' own tasks, then `tasks` (spec, origin)."""
 
-    def __init__(self, bridges: list[LoadedBridge]):
+    def __init__(self, bridges: list[LoadedBridge], tasks: Iterable[tuple[TaskSpec, str]] = ()):
         self.by_id: dict[str, LoadedBridge] = {}
         self.by_task: dict[str, LoadedBridge] = {}
         for b in bridges:
             self.by_id[b.meta.bridge_id] = b
             self.by_task.setdefault(b.meta.task, b)
+        # TaskConflictError when a bridge's task differs from a built-in (or another bridge's) of the same name
+        self.tasks = TaskCatalog([*((b.meta.spec, f"the bridge {b.meta.path}") for b in bridges), *tasks])
 
     def resolve(self, task: str, bridge_id: str = "") -> LoadedBridge:
         if bridge_id:
@@ -58,7 +63,7 @@ class BridgeSet:
             if task and found.meta.task != task:
                 raise BridgeNotFoundError(f"bridge {bridge_id!r} is for task {found.meta.task!r}, not {task!r}")
             return found
-        get_task(task)  # unknown task names raise UnknownTaskError
+        self.tasks[task]  # unknown task names raise UnknownTaskError
         found = self.by_task.get(task)
         if found is None:
             raise BridgeNotFoundError(f"no bridge is loaded for task {task!r}; loaded tasks: {sorted(self.by_task)}")
@@ -113,7 +118,7 @@ class SenderEngine:
         The sender reads at most max_text_tokens tokens of each text, as the bridge path does (tokenize
         truncates there): a 4,000-character input costs a bounded prompt, not an unbounded one. `stop` ends
         generation early when nobody waits for it any more."""
-        spec = get_task(task)
+        spec = self.bridges.tasks[task]
         messages = [spec.relay_message(self.lm.truncate(t, self.max_text_tokens)) for t in texts]
         return self.lm.generate(messages, max_new_tokens=max_tokens, stop=stop)
 
@@ -136,7 +141,7 @@ class ReceiverEngine:
 
     def label_ids(self, task: str) -> torch.Tensor:
         if task not in self._label_ids:
-            self._label_ids[task] = self.lm.label_token_ids(get_task(task).verbalizers)
+            self._label_ids[task] = self.lm.label_token_ids(self.bridges.tasks[task].verbalizers)
         return self._label_ids[task]
 
     def _inputs_for(self, meta: BridgeMeta) -> _ReceiverInputs:
@@ -171,7 +176,7 @@ class ReceiverEngine:
     @torch.no_grad()
     def classify_text(self, texts: list[str], task: str, relayed: bool = True) -> torch.Tensor:
         """Text path: relay texts (or raw inputs when relayed=False) → label probabilities [B, L]."""
-        spec: TaskSpec = get_task(task)
+        spec = self.bridges.tasks[task]
         # Cut the text, not the prompt: truncating the prompt would drop the answer cue at its end.
         texts = [self.lm.truncate(t, self.max_input_tokens) for t in texts]
         prompts = [spec.relay_prompt_for_receiver(t) if relayed else spec.text_prompt(t) for t in texts]

@@ -20,7 +20,6 @@ import torch
 from telepathy.bridge.codec import WireTensor
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine, SenderEngine
-from telepathy.bridge.tasks import TASKS
 
 if TYPE_CHECKING:
     from telepathy.bridge.runtime.fastpath import FastPathConfig
@@ -90,7 +89,7 @@ class SenderRuntime:
                 self.encoder.warmup(bridge.meta.task, self.encoder.config.buckets_upto(batch_size),
                                     lengths, wire=wire_dtype, bridge_id=bridge_id)
         # Two tokens exercise the whole generate path without paying for a full relay per row.
-        self.generate((next(iter(self.engine.bridges.by_task), next(iter(TASKS))), 2), texts)
+        self.generate((next(iter(self.engine.bridges.by_task), self.engine.bridges.tasks.first()), 2), texts)
 
 
 class ReceiverRuntime:
@@ -124,7 +123,7 @@ class ReceiverRuntime:
             if self.fast:  # every batch bucket, so no request waits for a capture
                 sizes = self.classifier.config.buckets_upto(batch_size)
                 self.classifier.warmup(bridge.meta.task, sizes, wire=None, bridge_id=bridge_id)
-        self.classify_text(next(iter(self.engine.bridges.by_task), next(iter(TASKS))), ["warm-up"] * rows)
+        self.classify_text(next(iter(self.engine.bridges.by_task), self.engine.bridges.tasks.first()), ["warm-up"] * rows)
 
 
 def build_sender_runtime(lm: LanguageModel, bridges: BridgeSet, fast_path: str = "auto") -> SenderRuntime:

@@ -199,7 +199,7 @@ class PromptTuningRun(TrainRun):
         return embeds, mask, None
 
     def pad_group(self) -> str:
-        return f"prompt:{self.config.task}"  # text prompts: one receiver forward per task (lengths differ a lot)
+        return f"prompt:{self.config.spec.name}"  # text prompts: one receiver forward per task (lengths differ a lot)
 
 
 def prompt_split(receiver: LanguageModel, spec: TaskSpec, rows: list[Example], max_text_tokens: int) -> Split:

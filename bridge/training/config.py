@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from telepathy.bridge.tasks import TaskSpec, get_task
+from telepathy.bridge.tasks import Task, TaskSpec, resolve_task
 from telepathy.config import SettingsError, load_config_file
 from telepathy.contract import DEFAULT_RECEIVER, DEFAULT_SENDER, VERSION
 
@@ -46,7 +46,7 @@ def default_sender_layer(num_layers: int) -> int:
 
 @dataclass
 class TrainConfig:
-    task: str  # ag_news | trec | sst2
+    task: str  # a built-in task's name, or the path of a task file (made absolute, so a run config names it anywhere)
     sender: str = DEFAULT_SENDER  # model spec (bridge.models)
     receiver: str = DEFAULT_RECEIVER
     soft_tokens: int = DEFAULT_SOFT_TOKENS  # K soft tokens per request
@@ -72,7 +72,9 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        get_task(self.task)  # UnknownTaskError with the known names
+        # UnknownTaskError with the known names, or TaskFileError naming the file, the field and the problem
+        self._task = resolve_task(self.task)
+        self.task = self._task.reference
         for name in ("soft_tokens", "d_model", "depth", "num_heads", "d_wire", "steps", "batch_size", "eval_every",
                      "checkpoint_every", "validation_size", "max_text_tokens"):
             value = getattr(self, name)
@@ -88,12 +90,17 @@ class TrainConfig:
             raise ValueError("TrainConfig: warmup_steps must be ≥ 0 and min_lr_ratio in [0, 1]")
         if self.d_wire > self.d_model:
             raise ValueError(f"TrainConfig.d_wire ({self.d_wire}) cannot exceed d_model ({self.d_model})")
-        if self.batch_size < get_task(self.task).num_labels:
-            raise ValueError(f"TrainConfig.batch_size must be ≥ the {get_task(self.task).num_labels} labels of {self.task}")
+        if self.batch_size < self.spec.num_labels:
+            raise ValueError(f"TrainConfig.batch_size must be ≥ the {self.spec.num_labels} labels of {self.spec.name}")
+
+    @property
+    def loaded_task(self) -> Task:
+        """The task: its spec and its data files."""
+        return self._task
 
     @property
     def spec(self) -> TaskSpec:
-        return get_task(self.task)
+        return self._task.spec
 
     @property
     def diversity(self) -> float:

@@ -8,8 +8,8 @@ tuning) use seeds 0..seeds-1; deterministic methods (zero-shot, text relay, line
 one value. Prompt tuning trains with the bridge's own recorded budget (steps, lr, batch, schedule, K) on the
 same training rows, and the linear probe reads the same sender layer. Every method scores labels the same way.
 
-results/<task>.json:
-    {"task", "split", "n", "sender", "receiver",
+`--task` is a built-in task's name or the path of a task file (docs/TASKS.md). results/<task>.json:
+    {"task", "labels", "split", "n", "sender", "receiver",
      "methods": {NAME: {"accuracy": [per seed], "mean", "std", ...details}},
      "wire": {"dtype", "soft_tokens", "d_wire", "bytes_per_request", "bridge_accuracy_by_dtype", ...}}
 Further splits (`--splits test,validation`) go to <out stem>_<split>.json. Methods merge into an existing file for
@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, find_bridges, load_bridge
+from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, check_task, find_bridges, load_bridge
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.resampler import wire_bytes
 from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
-from telepathy.bridge.tasks import UnknownTaskError, get_task
+from telepathy.bridge.tasks import Task, TaskFileError, UnknownTaskError, resolve_task
 from telepathy.bridge.training.baselines import (
     PromptTuningRun,
     accuracy,
@@ -113,18 +113,18 @@ def resolve_bridge_dirs(path: str | Path) -> list[Path]:
 class TaskEvaluation:
     """Everything needed to evaluate one task on some splits; methods fill `self.results[split][method]`."""
 
-    def __init__(self, task: str, sender: LanguageModel, receiver: LanguageModel, bridge_dirs: list[Path],
+    def __init__(self, task: Task, sender: LanguageModel, receiver: LanguageModel, bridge_dirs: list[Path],
                  splits: list[str], settings: EvalSettings, store: StatesStore | None = None):
-        self.spec = get_task(task)
-        self.task = task
+        self.loaded_task = task
+        self.spec = task.spec
+        self.task = task.name
         self.sender, self.receiver = sender, receiver
         self.settings = settings
         self.store = store or StatesStore()
         self.bridges: list[tuple[torch.nn.Module, BridgeMeta]] = []
         for d in bridge_dirs[: settings.seeds]:
             bridge, meta = load_bridge(d, sender.fingerprint(), receiver.fingerprint(), device=str(receiver.device))
-            if meta.task != task:
-                raise CheckpointError(f"bridge {d} was trained for task {meta.task!r}, not {task!r}")
+            check_task(meta, task)
             self.bridges.append((bridge, meta))
         # Prompt tuning gets the bridge's recorded budget and both read the same rows and sender layer.
         if self.bridges:
@@ -228,7 +228,7 @@ class TaskEvaluation:
         train = prompt_split(self.receiver, self.spec, self.train, self.settings.max_text_tokens)
         val = prompt_split(self.receiver, self.spec, self.validation, self.settings.max_text_tokens)
         for seed in range(self.settings.seeds):
-            config = TrainConfig(task=self.task, sender=self.sender.spec, receiver=self.receiver.spec,
+            config = TrainConfig(task=self.loaded_task.reference, sender=self.sender.spec, receiver=self.receiver.spec,
                                  soft_tokens=self.soft_tokens, seed=seed, diversity_weight=0.0,
                                  validation_size=self.validation_size, device=str(self.receiver.device), **self.budget)
             runs.append(PromptTuningRun(f"prompt-{self.task}-seed{seed}", config, self.receiver, train, val))
@@ -270,14 +270,15 @@ class TaskEvaluation:
 
     def document(self, split: str) -> dict:
         return {
-            "task": self.task, "split": split, "n": len(self.rows[split]), "sender": self.sender.spec,
+            "task": self.task, "labels": list(self.spec.labels), "split": split, "n": len(self.rows[split]),
+            "sender": self.sender.spec,
             "receiver": self.receiver.spec, "methods": self.results[split], "wire": self.wire[split],
             "settings": {"seeds": self.settings.seeds, "few_shot_k": self.settings.few_shot_k,
                          "relay_tokens": self.settings.relay_tokens, "max_text_tokens": self.settings.max_text_tokens,
                          "validation": f"{self.validation_size} rows carved from train (split seed {SPLIT_SEED})",
                          "train_rows": len(self.train), "sender_layer": self.layer,
                          "prompt_tuning_budget": {"soft_tokens": self.soft_tokens, **{
-                             k: getattr(TrainConfig(task=self.task, **self.budget), k) for k in BUDGET_KEYS}}},
+                             k: getattr(TrainConfig(task=self.loaded_task.reference, **self.budget), k) for k in BUDGET_KEYS}}},
         }
 
 
@@ -309,11 +310,12 @@ def output_paths(out: Path, splits: list[str]) -> dict[str, Path]:
     return {s: out if i == 0 else out.with_name(f"{out.stem}_{s}{out.suffix}") for i, s in enumerate(splits)}
 
 
-def evaluate_task(task: str, sender: LanguageModel, receiver: LanguageModel, bridge_dirs: list[Path],
+def evaluate_task(task: Task | str, sender: LanguageModel, receiver: LanguageModel, bridge_dirs: list[Path],
                   methods: list[str], out: Path, splits: list[str] = ("test",), settings: EvalSettings | None = None,
                   store: StatesStore | None = None) -> dict[str, dict]:
     """Run `methods` and write results after each one (a run cut short keeps what it finished)."""
     settings = settings or EvalSettings()
+    task = task if isinstance(task, Task) else resolve_task(task)  # a built-in name or a task file's path
     ev = TaskEvaluation(task, sender, receiver, bridge_dirs, list(splits), settings, store)
     paths = output_paths(Path(out), list(splits))
     documents: dict[str, dict] = {}
@@ -356,7 +358,7 @@ def eval_command(args: argparse.Namespace) -> int:
     from telepathy.bridge.models import DEFAULT_RECEIVER, DEFAULT_SENDER, ModelSpecError
 
     try:
-        get_task(args.task)
+        task = resolve_task(args.task)
         methods = parse_methods(args.methods)
         settings = EvalSettings(seeds=args.seeds, few_shot_k=args.few_shot_k, limit=args.limit,
                                 batch_size=args.batch_size, progress=not args.no_progress)
@@ -373,30 +375,38 @@ def eval_command(args: argparse.Namespace) -> int:
             first = read_meta(bridge_dirs[0])
         except CheckpointError as exc:
             return fail("eval", str(exc))
-        if first.task != args.task:
-            return fail("eval", f"bridge {bridge_dirs[0]} was trained for task {first.task!r}, not {args.task!r}")
+        try:
+            check_task(first, task)
+        except CheckpointError as exc:
+            return fail("eval", str(exc))
         sender_spec = args.sender or first.training.get("sender") or first.sender.spec
         receiver_spec = args.receiver or first.training.get("receiver") or first.receiver.spec
     elif "bridge" in methods:
         if args.methods.strip() != "all":
             return fail("eval", "method 'bridge' needs --bridge")
         methods = [m for m in methods if m != "bridge"]  # all baselines, with the default budget
-    for split in splits:
-        try:
-            load_split(args.task, split, limit=1)
-        except FileNotFoundError as exc:
-            return fail("eval", str(exc))
+    try:
+        for split in dict.fromkeys(["train", *splits]):  # train: few-shot demonstrations, prompt tuning, the probe
+            load_split(task, split)
+    except TaskFileError as exc:
+        return fail("eval", str(exc))
     device = resolve_device(args.device)
     try:
         sender = LanguageModel.load(sender_spec, device=device, dtype=DTYPES.get(args.dtype))
         receiver = LanguageModel.load(receiver_spec, device=device, dtype=DTYPES.get(args.dtype))
     except (ModelSpecError, FileNotFoundError) as exc:
         return fail("eval", str(exc))
+    try:
+        task.check_verbalizers(receiver.tokenizer, receiver.spec)
+        if {"sender_zero_shot"} & set(methods):  # the one method that scores labels with the sender's tokenizer
+            task.check_verbalizers(sender.tokenizer, sender.spec)
+    except TaskFileError as exc:
+        return fail("eval", str(exc))
     store = StatesStore(args.cache_dir)
     try:
-        documents = evaluate_task(args.task, sender, receiver, bridge_dirs, methods, Path(args.out), splits, settings,
+        documents = evaluate_task(task, sender, receiver, bridge_dirs, methods, Path(args.out), splits, settings,
                                   store)
-    except CheckpointError as exc:
+    except (CheckpointError, TaskFileError) as exc:
         return fail("eval", str(exc))
     for split, path in output_paths(Path(args.out), splits).items():
         print(format_table(documents[split]))

@@ -1,10 +1,12 @@
 """Results → a markdown table and a bar chart.
 
-    telepathy report --results results --out results
+    telepathy report --results results --out results [--task T ...]
 
 reads results/<task>[_<split>].json (written by `telepathy eval`) and results/wire_ablation.json (if present)
 and writes results/summary.md (methods × tasks, mean ± std over seeds, in %) and results/accuracy.png
-(grouped bars with ±std error bars and each task's chance level).
+(grouped bars with ±std error bars and each task's chance level). Chance needs the number of labels: a results file
+records its labels; older ones get them from the --task given for them (a built-in name or a task file) or the
+built-in task of their name.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ import argparse
 import json
 from pathlib import Path
 
-from telepathy.bridge.tasks import get_task
+from telepathy.bridge.tasks import BUILTIN_TASKS, TaskSpec, UnknownTaskError, resolve_task
 from telepathy.bridge.training.config import fail
 from telepathy.bridge.training.evaluate import METHODS
 
-TASK_ORDER = ("ag_news", "trec", "sst2")
 
-
-def load_results(folder: str | Path) -> list[dict]:
-    """Every evaluation document in `folder` (files with task/split/methods), in task then split order."""
+def load_results(folder: str | Path, tasks: list[TaskSpec] | None = None) -> list[dict]:
+    """Every evaluation document in `folder` (files with task/split/methods), in task then split order: the order of
+    `tasks` when given (and only those tasks), else the built-ins' order, then other tasks by name. Each document
+    gets `labels` if it lacks them (from `tasks` or the built-ins); ValueError when they are nowhere to be had."""
+    specs = {spec.name: spec for spec in tasks or []}
     docs = []
     for path in sorted(Path(folder).glob("*.json")):
         try:
@@ -30,8 +33,24 @@ def load_results(folder: str | Path) -> list[dict]:
             continue
         if isinstance(doc, dict) and {"task", "split", "methods"} <= set(doc):
             docs.append(doc)
-    rank = {t: i for i, t in enumerate(TASK_ORDER)}
-    return sorted(docs, key=lambda d: (rank.get(d["task"], 99), d["split"] != "test", d["split"]))
+    if tasks:
+        docs = [d for d in docs if d["task"] in specs]
+    for d in docs:
+        if "labels" not in d:
+            spec = specs.get(d["task"]) or BUILTIN_TASKS.get(d["task"])
+            if spec is None:
+                raise ValueError(f"results for task {d['task']!r} ({d['split']}) do not record its labels and it is "
+                                 "not a built-in task: pass its task file with --task")
+            d["labels"] = list(spec.labels)
+    order = list(specs) or list(BUILTIN_TASKS)
+    rank = {t: i for i, t in enumerate(order)}
+    return sorted(docs, key=lambda d: (rank.get(d["task"], len(order)), d["task"], d["split"] != "test", d["split"]))
+
+
+def chance(doc: dict) -> float:
+    """The accuracy of guessing, in %: 100 / the number of labels (recorded in the document, else the built-in's)."""
+    labels = doc.get("labels") or BUILTIN_TASKS[doc["task"]].labels
+    return 100 / len(labels)
 
 
 def column_name(doc: dict) -> str:
@@ -57,8 +76,7 @@ def markdown_table(docs: list[dict]) -> str:
             text = f"{100 * e['mean']:.1f} ± {100 * e['std']:.1f}" if n > 1 else f"{100 * e['mean']:.1f}"
             cells.append(f"**{text}**" if e["mean"] == top else text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    chance = " | ".join(f"{100 / get_task(d['task']).num_labels:.1f}" for d in docs)
-    lines.append(f"| _chance_ | {chance} |")
+    lines.append(f"| _chance_ | {' | '.join(f'{chance(d):.1f}' for d in docs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -93,8 +111,7 @@ def bar_chart(docs: list[dict], path: str | Path) -> Path:
                 errs.append(100 * e["std"])
         ax.bar(xs, ys, width, yerr=errs, capsize=2, label=m, color=colors(j))
     for i, d in enumerate(docs):
-        chance = 100 / get_task(d["task"]).num_labels
-        ax.hlines(chance, i - 0.45, i + 0.45, colors="black", linestyles="dotted", linewidth=1)
+        ax.hlines(chance(d), i - 0.45, i + 0.45, colors="black", linestyles="dotted", linewidth=1)
     ax.set_xticks(range(len(docs)))
     ax.set_xticklabels([column_name(d) for d in docs], fontsize=9)
     ax.set_ylabel("accuracy (%), mean ± std over seeds")
@@ -111,9 +128,9 @@ def bar_chart(docs: list[dict], path: str | Path) -> Path:
     return path
 
 
-def write_report(results: str | Path, out: str | Path) -> list[Path]:
+def write_report(results: str | Path, out: str | Path, tasks: list[TaskSpec] | None = None) -> list[Path]:
     results, out = Path(results), Path(out)
-    docs = load_results(results)
+    docs = load_results(results, tasks)
     if not docs:
         raise FileNotFoundError(f"no evaluation results (*.json with task/split/methods) in {results}")
     out.mkdir(parents=True, exist_ok=True)
@@ -132,8 +149,9 @@ def write_report(results: str | Path, out: str | Path) -> list[Path]:
 
 def report_command(args: argparse.Namespace) -> int:
     try:
-        written = write_report(args.results, args.out or args.results)
-    except FileNotFoundError as exc:
+        tasks = [resolve_task(t).spec for t in args.task or []]
+        written = write_report(args.results, args.out or args.results, tasks)
+    except (FileNotFoundError, UnknownTaskError, ValueError) as exc:  # ValueError: TaskFileError, labels unknown
         return fail("report", str(exc))
     for path in written:
         print(path)

@@ -34,7 +34,7 @@ from telepathy.bridge.checkpoint import BridgeMeta, CheckpointError, save_bridge
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.resampler import Bridge, BridgeConfig, parameter_count
 from telepathy.bridge.runtime.engine import BridgeSet, ReceiverEngine
-from telepathy.bridge.tasks import UnknownTaskError
+from telepathy.bridge.tasks import TaskFileError, UnknownTaskError
 from telepathy.bridge.training.config import (
     DEFAULT_D_WIRE,
     DEFAULT_SOFT_TOKENS,
@@ -87,8 +87,7 @@ class BridgeRun(TrainRun):
         self.engine = ReceiverEngine(receiver, BridgeSet([]))
         # The same primer / answer prefix / verbalizers the saved checkpoint will carry → the same layout.
         self.layout = BridgeMeta(
-            path=Path(out_dir or "."), config=self.bridge_config, task=config.task, labels=list(self.spec.labels),
-            verbalizers=list(self.spec.verbalizers), primer=self.spec.primer, sender=self.sender_fp,
+            path=Path(out_dir or "."), config=self.bridge_config, spec=self.spec, sender=self.sender_fp,
             receiver=self.receiver_fp, weights_sha256=f"in-training:{name}",
         )
 
@@ -100,7 +99,7 @@ class BridgeRun(TrainRun):
         return "bridges"  # short inputs (primer + K): all bridges pad together cheaply
 
     def save_weights(self, folder: Path) -> None:
-        save_bridge(folder, self.module, self.config.task, self.sender_fp, self.receiver_fp,
+        save_bridge(folder, self.module, self.spec, self.sender_fp, self.receiver_fp,
                     training={"steps_done": self.step, "in_progress": True})
 
     def save_final(self, out_dir: Path, extra: dict | None = None, dtype: torch.dtype = torch.bfloat16) -> BridgeMeta:
@@ -108,7 +107,7 @@ class BridgeRun(TrainRun):
         self.load_best()
         training = training_metadata(self.config, self)
         training.update(extra or {})
-        return save_bridge(out_dir, self.module, self.config.task, self.sender_fp, self.receiver_fp,
+        return save_bridge(out_dir, self.module, self.spec, self.sender_fp, self.receiver_fp,
                            training=training, dtype=dtype)
 
 
@@ -169,7 +168,7 @@ class TaskData:
 
     @classmethod
     def load(cls, config: TrainConfig) -> TaskData:
-        train, validation = train_validation_split(config.task, config.validation_size, seed=SPLIT_SEED)
+        train, validation = train_validation_split(config.loaded_task, config.validation_size, seed=SPLIT_SEED)
         if config.train_limit is not None:
             train = train[: config.train_limit]
         return cls(train, validation)
@@ -190,7 +189,7 @@ def make_bridge_runs(configs: list[TrainConfig], sender: LanguageModel, receiver
         train = Split(store.get(sender, [r.text for r in data.train], **kw), labels_tensor(data.train, receiver.device))
         val = Split(store.get(sender, [r.text for r in data.validation], **kw),
                     labels_tensor(data.validation, receiver.device))
-        name = names[i] if names else f"{config.task}-seed{config.seed}"
+        name = names[i] if names else f"{config.spec.name}-seed{config.seed}"
         runs.append(BridgeRun(name, config, sender, receiver, train, val, out_dir))
     return runs
 
@@ -259,6 +258,10 @@ def train_command(args: argparse.Namespace) -> int:
         return fail("train", f"--resume: no checkpoint under {out / 'checkpoints'}")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         return fail("train", "--device cuda was asked for, but no CUDA device is available")
+    try:
+        TaskData.load(config)  # bad data, or too few rows, is said before minutes of model loading
+    except TaskFileError as exc:
+        return fail("train", str(exc))
     # The models' default dtype (bridge.models.default_dtype), named, so that the run config records it.
     dtype = dtype or ("float32" if config.device.split(":")[0] == "cpu" else "bfloat16")
     from telepathy.bridge.models import ModelSpecError
@@ -268,13 +271,17 @@ def train_command(args: argparse.Namespace) -> int:
         receiver = LanguageModel.load(config.receiver, device=config.device, dtype=DTYPES[dtype])
     except (ModelSpecError, FileNotFoundError) as exc:
         return fail("train", str(exc))
+    try:
+        config.loaded_task.check_verbalizers(receiver.tokenizer, receiver.spec)
+    except TaskFileError as exc:
+        return fail("train", str(exc))
     if not args.resume:  # a resumed run keeps the file of its first part until it is done (same TrainConfig)
         print(f"run config: {write_run_config(out, config, dtype, sender.num_layers)}")
     store = StatesStore(None if args.no_cache else (args.cache_dir or default_cache_dir()))
     try:
         (meta,) = train_bridges([config], [out], sender, receiver, store, resume=args.resume,
-                                progress=not args.no_progress, desc=f"train {config.task}")
-    except CheckpointError as exc:
+                                progress=not args.no_progress, desc=f"train {config.spec.name}")
+    except (CheckpointError, TaskFileError) as exc:
         return fail("train", str(exc))
     if args.resume:
         print(f"run config: {write_run_config(out, config, dtype, sender.num_layers)}")

@@ -56,12 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "An API key, when the gateway needs one, comes from TELEPATHY_API_KEY.")
     p.add_argument("--url", default=os.environ.get("TELEPATHY_GATEWAY_URL", "http://127.0.0.1:8000"),
                    help="gateway base URL [$TELEPATHY_GATEWAY_URL, http://127.0.0.1:8000]")
-    p.add_argument("--task", default="sst2", help="task (default sst2)")
+    p.add_argument("--task", default="", help="a built-in task's name or the path of a task file, asked for by its "
+                                               "name (default: the first built-in task)")
     p.add_argument("--requests", type=int, default=100, help="measured requests per path (default 100)")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: batch-1 latency)")
     p.add_argument("--paths", default="bridge,text", help="comma-separated paths, run one after the other")
     p.add_argument("--texts", default="", help="JSONL ({'text', 'label'?}) or one text per line; "
-                                               "default data/<task>/test.jsonl")
+                                               "default: the task's test split")
     p.add_argument("--warmup", type=int, default=5, help="unmeasured requests per path first (default 5)")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per-request client timeout")
     p.add_argument("--out", required=True, help="JSON report path")
@@ -122,14 +123,18 @@ def _quiet_http_client_logs() -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from telepathy.bridge.tasks import UnknownTaskError
     from telepathy.ops.bench import BenchConfig, format_report, run_bench
 
     _quiet_http_client_logs()
-    cfg = BenchConfig(url=args.url, task=args.task, requests=args.requests, concurrency=args.concurrency,
-                      paths=args.paths, texts_file=args.texts, warmup=args.warmup, timeout_s=args.timeout_s,
-                      api_key=os.environ.get("TELEPATHY_API_KEY", ""), progress=not args.no_progress)
     try:
+        cfg = BenchConfig(url=args.url, task=args.task, requests=args.requests, concurrency=args.concurrency,
+                          paths=args.paths, texts_file=args.texts, warmup=args.warmup, timeout_s=args.timeout_s,
+                          api_key=os.environ.get("TELEPATHY_API_KEY", ""), progress=not args.no_progress)
         report = run_bench(cfg, args.out, args.plot or None)
+    except (UnknownTaskError, ValueError) as exc:  # a bad task, task file or texts file: a usage error
+        print(f"telepathy bench: error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:  # gateway not ready
         print(f"bench: {exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,8 @@
 
 For each path in turn (never both at once: they would compete for the same CPU/GPU), `warmup` requests that are
 not counted, then `requests` measured ones with `concurrency` in flight, texts taken in order from the task's test
-split (cycled when there are fewer). Client-side wall time per request; the gateway's own stage breakdown
+split (cycled when there are fewer). The task is a built-in task's name or the path of a task file; the gateway is
+asked for it by name. Client-side wall time per request; the gateway's own stage breakdown
 (sender / wire / receiver) is averaged alongside. Output: a JSON report and, optionally, a latency CDF plot.
 """
 
@@ -22,7 +23,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from telepathy.bridge.tasks import get_task
+from telepathy.bridge.tasks import BUILTIN_TASKS, Task, resolve_task
 
 PATHS = ("bridge", "text")
 
@@ -30,11 +31,11 @@ PATHS = ("bridge", "text")
 @dataclass
 class BenchConfig:
     url: str = "http://127.0.0.1:8000"
-    task: str = "sst2"
+    task: str = ""  # a built-in task's name or a task file's path; "": the first built-in task
     requests: int = 100  # measured requests per path
     concurrency: int = 1  # requests in flight; 1 = batch-1 latency
     paths: tuple[str, ...] = PATHS
-    texts_file: str = ""  # "" = data/<task>/test.jsonl; else JSONL with "text" (+ optional "label") or plain lines
+    texts_file: str = ""  # "" = the task's test split; else JSONL with "text" (+ optional "label") or plain lines
     warmup: int = 5  # per path, excluded from the figures
     timeout_s: float = 60.0  # per HTTP request
     api_key: str = ""
@@ -49,7 +50,9 @@ class BenchConfig:
             raise ValueError(f"paths must be a non-empty subset of {PATHS}, got {self.paths}")
         if self.requests < 1 or self.concurrency < 1 or self.warmup < 0:
             raise ValueError("requests and concurrency must be >= 1, warmup >= 0")
-        get_task(self.task)  # unknown task → UnknownTaskError, before any request is made
+        # UnknownTaskError / TaskFileError before any request is made
+        self.loaded_task: Task = resolve_task(self.task or next(iter(BUILTIN_TASKS)))
+        self.task = self.loaded_task.reference
         self.url = self.url.rstrip("/")
 
 
@@ -64,7 +67,7 @@ class Sample:
     error: str = ""
 
 
-def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> list[tuple[str, int | None]]:
+def load_texts(task: Task | str, texts_file: str = "", limit: int | None = None) -> list[tuple[str, int | None]]:
     """(text, label or None) pairs: the task's test split by default, or a JSONL / plain-text file."""
     if not texts_file:
         from telepathy.bridge.training.data import load_split
@@ -85,6 +88,14 @@ def load_texts(task: str, texts_file: str = "", limit: int | None = None) -> lis
     if not rows:
         raise ValueError(f"{texts_file}: no texts")
     return rows
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it lies inside it (reports stay free of home folders)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def percentiles(latencies: list[float]) -> dict[str, float | None]:
@@ -144,7 +155,7 @@ async def _one(client: httpx.AsyncClient, task: str, path: str, text: str, label
 
 async def _drive(client: httpx.AsyncClient, cfg: BenchConfig, path: str, items: list[tuple[str, int | None]],
                  bar: tqdm | None) -> tuple[list[Sample], float]:
-    labels = get_task(cfg.task).labels
+    labels = cfg.loaded_task.spec.labels
     samples: list[Sample | None] = [None] * len(items)
     next_index = 0
 
@@ -154,7 +165,7 @@ async def _drive(client: httpx.AsyncClient, cfg: BenchConfig, path: str, items: 
             i = next_index
             next_index += 1  # no await between read and increment: race-free on one event loop
             text, label = items[i]
-            samples[i] = await _one(client, cfg.task, path, text, label, labels)
+            samples[i] = await _one(client, cfg.loaded_task.name, path, text, label, labels)
             if bar is not None:
                 bar.update(1)
 
@@ -164,7 +175,7 @@ async def _drive(client: httpx.AsyncClient, cfg: BenchConfig, path: str, items: 
 
 
 async def run_bench_async(cfg: BenchConfig) -> dict[str, Any]:
-    pool = load_texts(cfg.task, cfg.texts_file)
+    pool = load_texts(cfg.loaded_task, cfg.texts_file)
     # Warm-up takes its texts from the end of the pool so measured requests start at the first test row.
     measured = [pool[i % len(pool)] for i in range(cfg.requests)]
     warm = [pool[-1 - (i % len(pool))] for i in range(cfg.warmup)]
@@ -172,7 +183,7 @@ async def run_bench_async(cfg: BenchConfig) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     report: dict[str, Any] = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "api_key"},
-        "texts": cfg.texts_file or f"data/{cfg.task}/test.jsonl",
+        "texts": cfg.texts_file or _shown(cfg.loaded_task.data_file("test")),
         "texts_available": len(pool),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "client": _client_machine(),

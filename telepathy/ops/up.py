@@ -36,6 +36,7 @@ from typing import IO
 
 import httpx
 
+from telepathy.bridge.tasks import BUILTIN_TASKS
 from telepathy.client import up_token_path
 from telepathy.config import SHIPPED_BRIDGES
 
@@ -275,16 +276,18 @@ class Launcher:
 
     def banner(self) -> None:
         url = self.config.url
-        task, path = "sst2", "text"
+        # The example asks for the first task the gateway serves with a bridge, else the first built-in (text path).
+        task, path = next(iter(BUILTIN_TASKS)), "text"
         try:
             tasks = httpx.get(f"{url}/v1/tasks", timeout=3.0,
                               headers=_auth_header(os.environ.get("TELEPATHY_API_KEYS", ""))).json()["tasks"]
             with_bridge = [t["name"] for t in tasks if t.get("bridge")]
             if with_bridge:
-                task, path = ("sst2" if "sst2" in with_bridge else with_bridge[0]), "bridge"
+                task, path = with_bridge[0], "bridge"
         except (httpx.HTTPError, KeyError, ValueError):
             pass
-        body = json.dumps({"task": task, "text": "a gripping, beautifully acted film", "path": path})
+        text = "The new phone went on sale today, and the first reviews are glowing."
+        body = json.dumps({"task": task, "text": text, "path": path})
         key = ' -H "Authorization: Bearer $TELEPATHY_API_KEY"' if os.environ.get("TELEPATHY_API_KEYS") else ""
         self.say(f"Telepathy is up: {url}  (API docs: {url}/docs)")
         receiver_port = self.config.sender_port if self.config.pair else self.config.receiver_port
@@ -302,7 +305,7 @@ class Launcher:
         self.say("Try:")
         self.say(f"  curl -s {url}/v1/classify -H 'Content-Type: application/json'{key} -d '{body}'")
         self.say(f"  curl -s {url}/v1/compare -H 'Content-Type: application/json'{key} "
-                 f"-d '{json.dumps({'task': task, 'text': 'a gripping, beautifully acted film'})}'")
+                 f"-d '{json.dumps({'task': task, 'text': text})}'")
         self.say("Press Ctrl-C to stop.")
 
     def serve(self) -> int:

@@ -13,7 +13,6 @@ from telepathy.bridge.runtime.fastpath.graphs import _stage
 from telepathy.bridge.runtime.fastpath.layers import attention_masks, fused_decoder
 from telepathy.bridge.runtime.fastpath.side import _FastSide
 from telepathy.bridge.runtime.fastpath.wire import adapter_fn
-from telepathy.bridge.tasks import get_task
 
 
 class ReceiverFastPath(_FastSide):
@@ -127,7 +126,7 @@ class ReceiverFastPath(_FastSide):
     @torch.no_grad()
     def classify_text(self, texts: list[str], task: str, relayed: bool = True) -> torch.Tensor:
         """Same contract as ReceiverEngine.classify_text: relay texts (or raw inputs) → probs [B, L]."""
-        spec = get_task(task)
+        spec = self.engine.bridges.tasks[task]
         prompts = [spec.relay_prompt_for_receiver(t) if relayed else spec.text_prompt(t) for t in texts]
         cap = self.engine.max_text_tokens
         enc = self.lm.tokenizer(prompts, padding="longest", truncation=True, max_length=cap, return_tensors="pt",

@@ -21,7 +21,7 @@ from telepathy.contract import WIRE_DTYPES
 from telepathy.protos.v1 import common_pb2, receiver_pb2, receiver_pb2_grpc
 from telepathy.serving.batcher import BatchTiming, DynamicBatcher
 from telepathy.serving.checks import check_id, check_text, id_problem, require_task
-from telepathy.serving.convert import VERSION, bridge_info, classify_result, limits, micros, model_info
+from telepathy.serving.convert import VERSION, bridge_info, classify_result, limits, micros, model_info, task_infos
 from telepathy.serving.errors import (
     Undecodable,
     abort,
@@ -82,7 +82,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
     async def _classify_text(self, req: receiver_pb2.ClassifyTextRequest, deadline: float | None, received: float,
                              prefix: str = ""):
         check_id(req.request_id, f"{prefix}request_id")
-        spec = require_task(req.task, f"{prefix}task")
+        spec = require_task(req.task, self.engine.bridges.tasks, f"{prefix}task")
         # An empty relay text is a legitimate (if useless) relay: the sender's LLM may produce one.
         check_text(req.text, self.settings.max_text_chars, f"{prefix}text", allow_empty=True)
         probs, timing = await self.texts.submit(req.text, key=spec.name, deadline=deadline)
@@ -121,9 +121,11 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
     @grpc_method("Info")
     async def Info(self, request, context):
         self.state.check(need_ready=False)
+        bridges = self.engine.bridges
         return receiver_pb2.ReceiverInfoResponse(
-            version=VERSION, model=model_info(self.engine.lm), tasks=sorted(self.engine.bridges.by_task),
+            version=VERSION, model=model_info(self.engine.lm), tasks=sorted(bridges.by_task),
             limits=limits(self.settings), wire_dtypes=list(WIRE_DTYPES), state=self.state.describe(),
+            catalog=task_infos(bridges),
         )
 
     # ---- the stream -----------------------------------------------------------------------------------------

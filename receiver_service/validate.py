@@ -31,7 +31,7 @@ class SoftTokenInput:
 
 def _resolve(st: common_pb2.SoftTokens, bridges: BridgeSet, prefix: str) -> LoadedBridge:
     if st.task or not st.bridge_id:  # a bridge_id alone is enough; a task, when given, must exist
-        require_task(st.task, f"{prefix}.task")
+        require_task(st.task, bridges.tasks, f"{prefix}.task")
     try:
         return bridges.resolve(st.task, st.bridge_id)
     except BridgeNotFoundError as exc:

@@ -22,6 +22,7 @@ from telepathy.serving.convert import (
     limits,
     micros,
     model_info,
+    task_infos,
     tensor_to_pb,
     wire_dtype_from_pb,
 )
@@ -57,7 +58,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
 
     def _check_bridge_request(self, text: str, task: str, wire_dtype: int):
         """A bridge-path request's checks → (the task's bridge meta, the wire dtype name)."""
-        require_task(task)
+        require_task(task, self.engine.bridges.tasks)
         check_text(text, self.settings.max_text_chars)
         try:
             meta = self.engine.bridges.resolve(task).meta
@@ -71,7 +72,7 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         return wire, meta, timing
 
     async def _generate(self, text: str, task: str, max_tokens: int, deadline: float, field: str):
-        require_task(task)
+        require_task(task, self.engine.bridges.tasks)
         check_text(text, self.settings.max_text_chars)
         limit = self.settings.max_relay_tokens
         if not 0 <= max_tokens <= limit:
@@ -157,8 +158,9 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     @grpc_method("Info")
     async def Info(self, request, context):
         self.state.check(need_ready=False)
+        bridges = self.engine.bridges
         return sender_pb2.SenderInfoResponse(
-            version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in self.engine.bridges.metas()],
+            version=VERSION, model=model_info(self.engine.lm), bridges=[bridge_info(m) for m in bridges.metas()],
             limits=limits(self.settings, self.settings.max_relay_tokens), receiver_address=self.link.address,
-            receiver_connected=self.link.connected, state=self.state.describe(),
+            receiver_connected=self.link.connected, state=self.state.describe(), tasks=task_infos(bridges),
         )

@@ -8,7 +8,8 @@ variables > the --config FILE (YAML/TOML/JSON, keys are setting names; or TELEPA
 --secrets-dir DIR (one per variable, e.g. DIR/TELEPATHY_AUTH_TOKEN; or TELEPATHY_SECRETS_DIR) > defaults.
 The auth token has no option (a command line is visible to every user of the machine): TELEPATHY_AUTH_TOKEN,
 the config file or a secret file.
-Exit codes: 0 after a clean drain, 2 for invalid settings, 1 when the service fails to start.
+Exit codes: 0 after a clean drain, 2 for invalid settings, 1 when the service fails to start (e.g. a loaded bridge
+carries a task that differs from a built-in task, or from another bridge's, of the same name).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import signal
 import sys
 
+from telepathy.bridge.tasks import TaskConflictError, TaskFileError
 from telepathy.config import CONFIG_ENV, SECRETS_DIR_ENV, SettingsError, env_name, from_sources, option_name
 from telepathy.pair_service.settings import PairSettings
 from telepathy.receiver_service.settings import ReceiverSettings
@@ -108,7 +110,9 @@ async def run_service(role: str, settings) -> int:
         if isinstance(exc, SettingsError):
             print(f"telepathy serve {role}: {exc}", file=sys.stderr)
             return 2
-        log.error("%s failed to start: %s", role, exc, exc_info=exc)
+        # A task conflict or a bad task file is the deployment's files, not a bug: its one-line message, no traceback.
+        known = isinstance(exc, (TaskConflictError, TaskFileError))
+        log.error("%s failed to start: %s", role, exc, exc_info=None if known else exc)
         return 1
     await stopping
     await service.stop()

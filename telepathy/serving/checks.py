@@ -6,6 +6,8 @@ What a request may contain (docs/SERVICES.md, "What a request may contain"):
     errors, so they must stay small;
   * texts: at most the service's max_text_chars characters, no NUL (tokenizers and C-string tools downstream
     treat it as the end of the text); every other character, other controls included, is the model's business.
+A task must be one of the service's own catalog (`require_task(task, engine.bridges.tasks)`): the built-ins and the
+tasks of the bridges it loaded, so a bridge trained for a task of its own is served with no other file.
 Invalid UTF-8 (a lone surrogate included: UTF-8 cannot encode one) never gets this far: the request does not
 decode (serving/server.py).
 """
@@ -16,7 +18,7 @@ import re
 
 import grpc
 
-from telepathy.bridge.tasks import TaskSpec, UnknownTaskError, get_task
+from telepathy.bridge.tasks import TaskCatalog, TaskSpec, UnknownTaskError
 from telepathy.contract import MAX_ID_CHARS
 from telepathy.serving.errors import ServiceError, invalid
 
@@ -41,12 +43,13 @@ def check_id(value: str, field: str) -> str:
     return value
 
 
-def require_task(task: str, field: str = "task") -> TaskSpec:
+def require_task(task: str, catalog: TaskCatalog, field: str = "task") -> TaskSpec:
+    """The spec of `task` in `catalog` (the service engine's `bridges.tasks`); NOT_FOUND listing the known tasks."""
     if not task:
         raise invalid(field, "is required")
     check_id(task, field)
     try:
-        return get_task(task)
+        return catalog[task]
     except UnknownTaskError as exc:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, f"{field}: {exc}", field) from None
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from telepathy.bridge.checkpoint import BridgeMeta
 from telepathy.bridge.codec import WireFormatError, WireTensor
 from telepathy.bridge.lm import LanguageModel
+from telepathy.bridge.runtime.engine import BridgeSet
 from telepathy.config import ServiceSettings
 from telepathy.contract import MAX_SHAPE_DIMS, VERSION  # noqa: F401 - VERSION is re-exported for the servicers
 from telepathy.protos.v1 import common_pb2
@@ -74,6 +75,12 @@ def bridge_info(meta: BridgeMeta) -> common_pb2.BridgeInfo:
         num_tokens=meta.config.num_latents, d_wire=meta.config.d_wire, sender_layer=meta.config.sender_layer,
         sender_digest=meta.sender.digest, receiver_digest=meta.receiver.digest,
     )
+
+
+def task_infos(bridges: BridgeSet) -> list[common_pb2.TaskInfo]:
+    """Every task of a side's catalog (built-ins, then its bridges' tasks), and whether a bridge for it is loaded."""
+    return [common_pb2.TaskInfo(name=name, labels=list(spec.labels), bridge=name in bridges.by_task)
+            for name, spec in bridges.tasks.items()]
 
 
 def limits(settings: ServiceSettings, max_relay_tokens: int = 0) -> common_pb2.Limits:

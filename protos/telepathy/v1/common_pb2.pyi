@@ -131,6 +131,16 @@ class BridgeInfo(_message.Message):
     receiver_digest: str
     def __init__(self, bridge_id: _Optional[str] = ..., task: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., num_tokens: _Optional[int] = ..., d_wire: _Optional[int] = ..., sender_layer: _Optional[int] = ..., sender_digest: _Optional[str] = ..., receiver_digest: _Optional[str] = ...) -> None: ...
 
+class TaskInfo(_message.Message):
+    __slots__ = ("name", "labels", "bridge")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    BRIDGE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    bridge: bool
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., bridge: _Optional[bool] = ...) -> None: ...
+
 class Limits(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_size", "max_text_chars", "max_message_bytes", "max_relay_tokens", "max_queue_delay_ms")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -70,17 +70,19 @@ class ReceiverInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReceiverInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "tasks", "limits", "wire_dtypes", "state")
+    __slots__ = ("version", "model", "tasks", "limits", "wire_dtypes", "state", "catalog")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: _common_pb2.ModelInfo
     tasks: _containers.RepeatedScalarFieldContainer[str]
     limits: _common_pb2.Limits
     wire_dtypes: _containers.RepeatedScalarFieldContainer[str]
     state: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ...) -> None: ...
+    catalog: _containers.RepeatedCompositeFieldContainer[_common_pb2.TaskInfo]
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., tasks: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., wire_dtypes: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., catalog: _Optional[_Iterable[_Union[_common_pb2.TaskInfo, _Mapping]]] = ...) -> None: ...

@@ -106,7 +106,7 @@ class SenderInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SenderInfoResponse(_message.Message):
-    __slots__ = ("version", "model", "bridges", "limits", "receiver_address", "receiver_connected", "state")
+    __slots__ = ("version", "model", "bridges", "limits", "receiver_address", "receiver_connected", "state", "tasks")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BRIDGES_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class SenderInfoResponse(_message.Message):
     RECEIVER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RECEIVER_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: _common_pb2.ModelInfo
     bridges: _containers.RepeatedCompositeFieldContainer[_common_pb2.BridgeInfo]
@@ -121,4 +122,5 @@ class SenderInfoResponse(_message.Message):
     receiver_address: str
     receiver_connected: bool
     state: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., bridges: _Optional[_Iterable[_Union[_common_pb2.BridgeInfo, _Mapping]]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., receiver_address: _Optional[str] = ..., receiver_connected: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+    tasks: _containers.RepeatedCompositeFieldContainer[_common_pb2.TaskInfo]
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., bridges: _Optional[_Iterable[_Union[_common_pb2.BridgeInfo, _Mapping]]] = ..., limits: _Optional[_Union[_common_pb2.Limits, _Mapping]] = ..., receiver_address: _Optional[str] = ..., receiver_connected: _Optional[bool] = ..., state: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[_common_pb2.TaskInfo, _Mapping]]] = ...) -> None: ...

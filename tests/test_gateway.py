@@ -207,10 +207,13 @@ def test_422_from_the_sender_is_passed_on(client):
 # -- 404 ---------------------------------------------------------------------------------------------------------
 
 def test_404_unknown_task(client):
-    r = client.post("/v1/classify", json={"text": "hello", "task": "imdb"})
-    assert_error(r, 404, "not_found_error", "unknown task 'imdb'; known tasks: ag_news, sst2, trec", "task")
+    """The gateway knows no task: the sender's NOT_FOUND, its message listing the tasks the sender serves."""
+    message = "task: unknown task 'imdb'; known tasks: ag_news, sst2, trec"
+    for path in ("bridge", "text"):
+        r = client.post("/v1/classify", json={"text": "hello", "task": "imdb", "path": path})
+        assert_error(r, 404, "not_found_error", message, "task")
     r = client.post("/v1/compare", json={"text": "hello", "task": "imdb"})
-    assert_error(r, 404, "not_found_error", "unknown task 'imdb'; known tasks: ag_news, sst2, trec", "task")
+    assert_error(r, 404, "not_found_error", message, "task")
     assert_works(client)
 
 
@@ -311,8 +314,10 @@ def test_503_sender_unreachable(stack, client):
         assert r.json()["error"] == {"type": "service_unavailable", "param": None,
                                      "message": "not ready: sender UNAVAILABLE, receiver UNAVAILABLE, link UNAVAILABLE"}
         assert r.json()["services"] == {"sender": "UNAVAILABLE", "receiver": "UNAVAILABLE", "link": "UNAVAILABLE"}
-        tasks = c.get("/v1/tasks").json()["tasks"]  # still answers, with bridge availability unknown
-        assert all(t["bridge"] is None for t in tasks)
+        # The gateway knows no task of its own: without the sender there is no list, only the sender's status.
+        r = c.get("/v1/tasks")
+        assert_error(r, 503, "service_unavailable", "the sender service is unavailable; retry later")
+        assert r.headers["retry-after"] == "1"
     assert_works(client)
 
 
@@ -323,6 +328,9 @@ def test_504_deadline(stack, client):
             assert_error(r, 504, "timeout_error",
                          "deadline exceeded: the request did not finish within the gateway's budget")
         assert c.get("/readyz").status_code == 200  # probes have their own deadline
+    with _gateway(stack, probe_timeout_s=1e-4) as gw, httpx.Client(base_url=gw.url, timeout=30.0) as c:
+        assert_error(c.get("/v1/tasks"), 504, "timeout_error",  # /v1/tasks asks the sender within the probe deadline
+                     "deadline exceeded: the request did not finish within the gateway's budget")
     assert_works(client)
 
 

@@ -39,7 +39,8 @@ class _Request(BaseModel):
 
     text: str = Field(description="Input to classify. Non-empty, not only whitespace, no NUL, valid Unicode (no lone "
                                   "surrogate); at most the gateway's max_text_chars characters.")
-    task: str = Field(description="Task name, see GET /v1/tasks (e.g. sst2, ag_news, trec). No control characters.")
+    task: str = Field(description="Task name: one of GET /v1/tasks, i.e. a built-in task or the task of a bridge the "
+                                  "services loaded (a name no service knows is 404). No control characters.")
 
     @field_validator("text")
     @classmethod
@@ -106,12 +107,19 @@ class CompareResponse(BaseModel):
 
 class TaskInfo(BaseModel):
     name: str
-    labels: list[str]
-    bridge: bool | None = Field(None, description="the sender has a bridge for this task (null: sender unreachable)")
+    labels: list[str] = Field(description="label names in index order")
+    bridge: bool = Field(description="the sender has a bridge for this task (the bridge path works); false: text "
+                                     "path only")
 
 
 class TasksResponse(BaseModel):
+    """Every task the sender serves, from its Sender.Info: the built-in tasks, then the tasks its bridges carry."""
+
     tasks: list[TaskInfo]
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"tasks": [
+        {"name": "sst2", "labels": ["negative", "positive"], "bridge": True},
+        {"name": "urgency", "labels": ["low", "high"], "bridge": True}]}]})
 
 
 class ServiceInfo(BaseModel):

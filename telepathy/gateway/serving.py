@@ -3,9 +3,11 @@
 Routes (routes/) are thin: they call `GatewayService` methods and let `GatewayError` (the only exception the
 service raises on purpose) become the JSON error envelope (errors.py).
 
-One request: the edge (edge.py: request id → API key → body size, type, encoding) → body (pydantic) → task/length
-checks → concurrency slot → sender.Relay with the remaining request budget as its gRPC deadline → result →
-response. Nothing waits in a gateway queue.
+One request: the edge (edge.py: request id → API key → body size, type, encoding) → body (pydantic) → length
+check → concurrency slot → sender.Relay with the remaining request budget as its gRPC deadline → result →
+response. Nothing waits in a gateway queue. The gateway knows no task: the sender checks the task against its own
+catalog (an unknown one is its NOT_FOUND, our 404 listing the tasks it knows), and GET /v1/tasks is Sender.Info's
+list.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from telepathy.bridge.tasks import TASKS, UnknownTaskError, get_task
 from telepathy.contract import VERSION
 from telepathy.gateway import protocol
 from telepathy.gateway.errors import UPSTREAM_MESSAGES, GatewayError, error_from_grpc
@@ -216,11 +217,8 @@ class GatewayService:
         self.limiter = ConcurrencyLimiter(settings.max_concurrency)
 
     # -- checks done here, before anything reaches the sender -------------------------------------------------
-    def check_input(self, task: str, text: str) -> None:
-        try:
-            get_task(task)
-        except UnknownTaskError as exc:
-            raise GatewayError(404, str(exc), param="task") from None
+    def check_input(self, text: str) -> None:
+        """The text's length. The task is the sender's to check: only it knows which tasks it serves."""
         if len(text) > self.settings.max_text_chars:
             raise GatewayError(413, f"text is {len(text)} characters; the limit is {self.settings.max_text_chars}",
                                param="text")
@@ -228,13 +226,13 @@ class GatewayService:
     # -- /v1/classify, /v1/compare ----------------------------------------------------------------------------
     async def classify(self, req: protocol.ClassifyRequest, request_id: str) -> protocol.ClassifyResponse:
         budget = Budget(self.settings.request_timeout_s)
-        self.check_input(req.task, req.text)
+        self.check_input(req.text)
         with self._slot():
             return await self._run_path(req.task, req.text, req.path, request_id, request_id, budget)
 
     async def compare(self, req: protocol.CompareRequest, request_id: str) -> protocol.CompareResponse:
         budget = Budget(self.settings.request_timeout_s)
-        self.check_input(req.task, req.text)
+        self.check_input(req.text)
         with self._slot():
             # One after the other, not concurrently: run together they would compete for the same CPU/GPU and
             # each would look slower than it is; the speed-up must compare the paths on equal terms.
@@ -309,13 +307,15 @@ class GatewayService:
             return None
 
     async def tasks(self) -> protocol.TasksResponse:
-        info = await self._sender_info()
-        with_bridge = {b.task for b in info.bridges} if info is not None else None
-        return protocol.TasksResponse(tasks=[
-            protocol.TaskInfo(name=name, labels=list(spec.labels),
-                              bridge=None if with_bridge is None else name in with_bridge)
-            for name, spec in TASKS.items()
-        ])
+        """The sender's tasks (Sender.Info): the built-ins and its bridges' tasks. Without an answer from the sender
+        there is no list to give: its failure maps as a request's would (down or loading: 503)."""
+        try:
+            info = await self.clients.sender_info(timeout=self.settings.probe_timeout_s)
+        except grpc.RpcError as exc:
+            self.metrics.upstream_errors.labels("sender", exc.code().name).inc()
+            raise error_from_grpc(exc, "sender") from None
+        return protocol.TasksResponse(tasks=[protocol.TaskInfo(name=t.name, labels=list(t.labels), bridge=t.bridge)
+                                             for t in info.tasks])
 
     async def readiness(self) -> tuple[bool, dict[str, str], dict[str, str]]:
         """Ready = sender SERVING, receiver SERVING (grpc.health.v1) *and* the sender's stream to the receiver up;

@@ -48,8 +48,8 @@ class GatewaySettings(TelepathySettings):
     request_timeout_s: float = setting(30.0, "end-to-end budget of one request")
     # The rest read no environment variable (flags and the config file only): TELEPATHY_MAX_RELAY_TOKENS, for one,
     # is the sender's own setting.
-    # Deadline of each health / info call made by /readyz and /v1/info (probes must answer fast).
-    probe_timeout_s: float = setting(2.0, "deadline of the /readyz and /v1/info probes", env=None)
+    # Deadline of each health / info call made by /readyz, /v1/info and /v1/tasks (probes must answer fast).
+    probe_timeout_s: float = setting(2.0, "deadline of the /readyz, /v1/info and /v1/tasks calls to the services", env=None)
     # Text-path relay length sent to the sender; 0 = the sender's default.
     max_relay_tokens: int = setting(0, "text-path relay length (0 = sender default)", env=None)
     # Largest request body read at all (bytes): a bigger Content-Length is refused with 413 unread, a body without

@@ -276,7 +276,7 @@ class Launcher:
 
     def banner(self) -> None:
         url = self.config.url
-        # The example asks for the first task the gateway serves with a bridge, else the first built-in (text path).
+        # The example asks for the first task the gateway serves with a bridge, else its first task (text path).
         task, path = next(iter(BUILTIN_TASKS)), "text"
         try:
             tasks = httpx.get(f"{url}/v1/tasks", timeout=3.0,
@@ -284,6 +284,8 @@ class Launcher:
             with_bridge = [t["name"] for t in tasks if t.get("bridge")]
             if with_bridge:
                 task, path = with_bridge[0], "bridge"
+            elif tasks:
+                task = tasks[0]["name"]
         except (httpx.HTTPError, KeyError, ValueError):
             pass
         text = "The new phone went on sale today, and the first reviews are glowing."

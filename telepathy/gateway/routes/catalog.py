@@ -5,14 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from telepathy.gateway import protocol
-from telepathy.gateway.routes.common import CATALOG_ERRORS, KeyedRoute, service
+from telepathy.gateway.routes.common import CATALOG_ERRORS, KeyedRoute, error_responses, service
 
 router = APIRouter(tags=["v1"], responses=CATALOG_ERRORS, route_class=KeyedRoute)
 
 
-@router.get("/v1/tasks", response_model=protocol.TasksResponse)
+@router.get("/v1/tasks", response_model=protocol.TasksResponse, responses=error_responses(502, 503, 504))
 async def tasks(request: Request) -> protocol.TasksResponse:
-    """Tasks, their label names, and whether the sender has a bridge for each."""
+    """The tasks the sender serves (built-ins and its bridges' tasks), their label names, and whether it has a
+    bridge for each. Asked of the sender each time: 503 while it is down or loading."""
     return await service(request).tasks()
 
 

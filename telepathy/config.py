@@ -36,7 +36,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
 
 from telepathy.contract import SHIPPED_BRIDGES
@@ -405,6 +405,9 @@ class ServiceSettings(TelepathySettings):
     port: int = setting(0, "gRPC port (sender 50051, receiver 50052; 0 = pick a free one)")
     model: str = setting("", "model spec: embedded preset, random:NAME, .gguf file, folder, HF id")
     bridges: str = setting(str(SHIPPED_BRIDGES), "folder of bridge checkpoints (the shipped ones by default)")
+    # More tasks than the built-ins and the bridges' own, served on the text path (docs/TASKS.md).
+    task_files: tuple[str, ...] = setting((), "task file (YAML/JSON) to serve on the text path too; repeatable "
+                                              "(the variable: comma-separated)")
     device: str = setting("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     dtype: str = setting("auto", "model dtype: auto (fp32 on CPU, bf16 on GPU), fp32, fp16, bf16")
     auth_token: str = setting("", "shared service token, sent as 'authorization: Bearer <token>'", secret=True)
@@ -432,8 +435,15 @@ class ServiceSettings(TelepathySettings):
     # switches are TELEPATHY_FASTPATH_* (docs/PERFORMANCE.md). Eager engines on the CPU, where graphs gain nothing.
     fast_path: str = setting("auto", "static-shape fast path: auto (on with CUDA), on, off")
 
+    @field_validator("task_files", mode="before")
+    @classmethod
+    def _split_files(cls, value: Any) -> Any:
+        return tuple(f.strip() for f in value.split(",") if f.strip()) if isinstance(value, str) else value
+
     def _check(self) -> None:
         super()._check()
+        for path in self.task_files:
+            require(Path(path).is_file(), where(self, "task_files"), f"no such file: {path}")
         self.host = self.host.strip()
         require(bool(self.host), where(self, "host"), "must not be empty")
         for name in ("port", "metrics_port"):

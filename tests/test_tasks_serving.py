@@ -4,17 +4,25 @@ SDK). Part 2 of tests/test_tasks_e2e.py, which trains, classifies and evaluates 
 
 from __future__ import annotations
 
+import argparse
+
 import grpc
 import httpx
 import pytest
 
 from telepathy.bridge.checkpoint import read_meta
-from telepathy.bridge.tasks import BUILTIN_TASKS, BUILTINS, load_task_file
+from telepathy.bridge.models import TINY_RECEIVER
+from telepathy.bridge.tasks import BUILTIN_TASKS, BUILTINS, TaskFileError, load_task_file
 from telepathy.cli import main as cli
 from telepathy.client import ReceiverClient, SenderClient
+from telepathy.config import SettingsError, from_sources
 from telepathy.gateway.settings import GatewaySettings
+from telepathy.ops.serve import register
+from telepathy.receiver_service.app import build_receiver
+from telepathy.receiver_service.settings import ReceiverSettings
+from telepathy.sender_service.settings import SenderSettings
 from telepathy.serving.channels import ClientSettings
-from telepathy.testing import GatewayThread
+from telepathy.testing import GatewayThread, ServiceThread
 from tests.conftest import make_tiny_bridges
 from tests.services_support import (
     ServiceProcess,
@@ -149,3 +157,47 @@ def test_a_bridge_whose_task_conflicts_with_a_builtin_stops_every_role(tmp_path,
     finally:
         for proc in procs.values():
             proc.kill()
+
+
+def test_task_files_setting_serves_a_task_on_the_text_path(tmp_path, tiny_sender, tiny_receiver):
+    """`--task-files` / TELEPATHY_TASK_FILES: a task with no bridge anywhere, served on the text path; the bridge
+    path says there is no bridge for it. A missing file is a setting error, a bad one stops the start."""
+    task_file = worked_example(tmp_path / "urgency")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "sender", "--task-files", str(task_file), "--task-files", str(task_file)])
+    settings = from_sources(SenderSettings, {"task_files": args.task_files}, env={})
+    assert settings.task_files == (str(task_file), str(task_file))  # the option, repeated
+    env = {"TELEPATHY_TASK_FILES": f"{task_file}, {task_file}"}
+    assert from_sources(ReceiverSettings, {}, env=env).task_files == (str(task_file), str(task_file))
+    with pytest.raises(SettingsError) as err:
+        from_sources(ReceiverSettings, {}, env={"TELEPATHY_TASK_FILES": str(tmp_path / "nope.yaml")})
+    assert str(err.value) == f"--task-files / TELEPATHY_TASK_FILES: no such file: {tmp_path / 'nope.yaml'}"
+
+    empty = tmp_path / "no-bridges"
+    empty.mkdir()
+    receiver = start_receiver(empty, task_files=(str(task_file),))
+    sender = start_sender(empty, receiver.address, task_files=(str(task_file),))
+    try:
+        with SenderClient(sender.address, PLAIN) as s, ReceiverClient(receiver.address, PLAIN) as rc:
+            assert_urgency(s.relay(TEXT, "urgency", path="text"), "text")
+            assert_urgency(rc.classify_text(TEXT, "urgency"), "text")
+            assert [(t.name, t.bridge) for t in s.info().tasks][-1] == ("urgency", False)
+            assert [(t.name, t.bridge) for t in rc.info().catalog][-1] == ("urgency", False)
+            assert_status(rpc_error(s.relay, TEXT, "urgency"), grpc.StatusCode.NOT_FOUND,
+                          "task: no bridge is loaded for task 'urgency'; loaded tasks: []", exact=True)
+    finally:
+        sender.stop()
+        receiver.stop()
+
+    bad = tmp_path / "urgency" / "bad.yaml"
+    bad.write_text(task_file.read_text().replace('verbalizers: [" low", " high"]', 'verbalizers: [" low"]'))
+    failing = ServiceThread(lambda: build_receiver(ReceiverSettings(
+        port=0, model=TINY_RECEIVER, bridges=str(empty), task_files=(str(bad),)), tiny_receiver), "receiver")
+    try:
+        with pytest.raises(TaskFileError) as err:  # read before the model is used: `telepathy serve` exits 1
+            failing.start()
+    finally:
+        failing.stop()
+    assert str(err.value) == f"task file {bad}: verbalizers: 1 verbalizers for 2 labels; give one per label, in the " \
+                             "order of `labels`"

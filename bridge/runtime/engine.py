@@ -76,8 +76,10 @@ class BridgeSet:
         return [b.meta for b in self.by_id.values()]
 
 
-def load_bridge_set(root: str | Path | None, lm: LanguageModel, role: str, device: str | torch.device) -> BridgeSet:
-    """Load every bridge under `root` that fits `lm`; skip (and log) the ones trained for another model."""
+def load_bridge_set(root: str | Path | None, lm: LanguageModel, role: str, device: str | torch.device,
+                    tasks: Iterable[tuple[TaskSpec, str]] = ()) -> BridgeSet:
+    """Load every bridge under `root` that fits `lm`; skip (and log) the ones trained for another model. `tasks`:
+    more (spec, origin) for the catalog, after the bridges' own (e.g. a service's task files)."""
     loaded: list[LoadedBridge] = []
     live = lm.fingerprint()
     for path in find_bridges(root) if root else []:
@@ -90,7 +92,7 @@ def load_bridge_set(root: str | Path | None, lm: LanguageModel, role: str, devic
             log.warning("skipping bridge %s: %s", path, exc)
             continue
         loaded.append(LoadedBridge(meta, module.to(lm.dtype)))
-    return BridgeSet(loaded)
+    return BridgeSet(loaded, tasks)
 
 
 class SenderEngine:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import signal
 import sys
+import typing
 
 from telepathy.bridge.tasks import TaskConflictError, TaskFileError
 from telepathy.config import CONFIG_ENV, SECRETS_DIR_ENV, SettingsError, env_name, from_sources, option_name
@@ -54,12 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"folder of secret files named like the variables, e.g. DIR/TELEPATHY_AUTH_TOKEN; below the "
                         f"config file (env {SECRETS_DIR_ENV}; default: off)")
     for name, typ, help, env, defaults in _option_fields():
-        values = set(map(str, defaults.values()))
+        values = {", ".join(d) if isinstance(d, tuple) else str(d) for d in defaults.values()}
         default = next(iter(values)) if len(values) == 1 else ", ".join(f"{r} {d}" for r, d in defaults.items())
         only = "" if len(defaults) == len(ROLES) else f"{' and '.join(defaults)} only; "
         help_text = f"{help} ({only}env {env}; default: {default or 'none'})"
         if typ is bool:
             p.add_argument(option_name(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(typ) is tuple:  # repeatable: --task-files a.yaml --task-files b.yaml
+            p.add_argument(option_name(name), action="append", default=None, help=help_text, metavar="FILE")
         else:
             p.add_argument(option_name(name), type=typ, default=None, help=help_text,
                            metavar=name.upper() if typ is str else typ.__name__.upper())

@@ -18,6 +18,7 @@ import torch
 
 from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.runtime.engine import BridgeSet, load_bridge_set
+from telepathy.bridge.tasks import load_task_file
 from telepathy.config import ServiceSettings
 from telepathy.serving.batcher import DynamicBatcher
 from telepathy.serving.convert import VERSION
@@ -101,16 +102,23 @@ def loading_phase(spec: str) -> str:
 def load_side(settings: ServiceSettings, half: str, lm: LanguageModel | None = None,
               state: ServiceState | None = None) -> tuple[LanguageModel, BridgeSet]:
     """The model of `settings` (or `lm`, already loaded) and the `half` ("sender" or "receiver") of every bridge
-    under settings.bridges that fits it; `state.phase` follows along. Runs on the model thread."""
+    under settings.bridges that fits it, with the tasks of settings.task_files in its catalog; `state.phase`
+    follows along. Runs on the model thread. A bad task file is a TaskFileError (one line), a task that differs
+    from another of its name a TaskConflictError: the service does not start."""
+    files = [load_task_file(path) for path in settings.task_files]  # before the model: a bad file fails at once
     if lm is None:
         if state is not None:
             state.phase = loading_phase(settings.model)
         lm = load_lm(settings)
     if state is not None:
         state.phase = f"loading the {half} bridges from {settings.bridges}"
-    bridges = load_bridge_set(settings.bridges, lm, half, lm.device)
-    log.info("%s bridges from %s: %s", half, settings.bridges,
-             sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)")
+    if half == "receiver":  # it scores the verbalizers' first tokens: they must differ for its tokenizer
+        for task in files:
+            task.check_verbalizers(lm.tokenizer, lm.spec)
+    bridges = load_bridge_set(settings.bridges, lm, half, lm.device,
+                              [(task.spec, f"the task file {task.source}") for task in files])
+    log.info("%s bridges from %s: %s; tasks: %s", half, settings.bridges,
+             sorted(bridges.by_id) or "none (the bridge path answers NOT_FOUND)", ", ".join(bridges.tasks))
     return lm, bridges
 
 

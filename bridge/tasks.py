@@ -336,7 +336,7 @@ def _load_builtins() -> Mapping[str, Task]:
 # Read once, never changed: the built-in tasks, by name (file-name order).
 BUILTINS: Mapping[str, Task] = _load_builtins()
 BUILTIN_TASKS: Mapping[str, TaskSpec] = MappingProxyType({name: t.spec for name, t in BUILTINS.items()})
-TASKS = BUILTIN_TASKS  # the name other rooms import (the services and the gateway know only the built-ins so far)
+TASKS = BUILTIN_TASKS  # the built-ins only; a service's tasks are its BridgeSet's catalog (bridge.runtime.engine)
 
 
 def load_task_file(path: str | Path) -> Task:

@@ -290,8 +290,11 @@ def load_bridge(
 
 
 def find_bridges(root: str | Path) -> list[Path]:
-    """Every checkpoint folder under `root` (a folder holding config.json), sorted."""
+    """Every bridge folder under `root` (config.json + model.safetensors), sorted. The resumable checkpoints a
+    training run keeps under its `checkpoints/` are training state, not bridges to serve or evaluate: skipped,
+    unless `root` is one of them itself."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p.parent for p in root.rglob(CONFIG) if (p.parent / WEIGHTS).exists())
+    return sorted(p.parent for p in root.rglob(CONFIG) if (p.parent / WEIGHTS).exists()
+                  and "checkpoints" not in p.parent.relative_to(root).parts)

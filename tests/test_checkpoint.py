@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from dataclasses import replace
 
@@ -49,6 +50,17 @@ def test_round_trip(saved, tiny_sender, tiny_receiver):
     raw = json.loads((meta.path / "config.json").read_text())
     assert raw["sender"]["digest"] == tiny_sender.fingerprint().digest and raw["training"] == {"steps": 5}
     assert find_bridges(meta.path.parent) == [meta.path]
+
+
+def test_find_bridges_skips_a_runs_resumable_checkpoints(saved, tmp_path):
+    """A run folder keeps its last resumable checkpoint under checkpoints/: training state, not a second bridge."""
+    _, meta = saved
+    run = tmp_path / "run"
+    shutil.copytree(meta.path, run)
+    shutil.copytree(meta.path, run / "checkpoints" / "step_5")
+    (run / "checkpoints" / "step_5" / "trainer_state.json").write_text("{}")
+    assert find_bridges(run) == [run]
+    assert find_bridges(run / "checkpoints" / "step_5") == [run / "checkpoints" / "step_5"]  # asked for itself
 
 
 def test_wrong_receiver_names_both_fingerprints(saved, tiny_sender, tiny_receiver):

@@ -104,7 +104,6 @@ def resolve_bridge_dirs(path: str | Path) -> list[Path]:
     if not path.exists():
         raise CheckpointError(f"bridge folder {path} does not exist")
     found = find_bridges(path)
-    found = [p for p in found if "checkpoints" not in p.relative_to(path).parts]  # not the periodic ones
     if not found:
         raise CheckpointError(f"no bridge checkpoint (config.json + model.safetensors) under {path}")
     return found

@@ -4,6 +4,7 @@
     classify.py  POST /v1/classify, POST /v1/compare
     catalog.py   GET /v1/tasks, GET /v1/info
     ops.py       GET /healthz, /readyz, /metrics (no API key: probes and scrapers)
+    page.py      GET /, /static/{name}: the gateway's page (no API key, like /docs; not in the schema)
 
 Routes are thin: they call a GatewayService method (gateway/serving.py) and return its protocol model. A new
 feature adds its own module here and one line below.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from telepathy.gateway.routes import catalog, classify, ops
+from telepathy.gateway.routes import catalog, classify, ops, page
 from telepathy.gateway.routes.common import api_key_docs
 from telepathy.gateway.settings import GatewaySettings
 
@@ -23,3 +24,4 @@ def attach_routes(app: FastAPI, settings: GatewaySettings) -> None:
     app.include_router(classify.router, dependencies=api_key_docs())
     app.include_router(catalog.router, dependencies=api_key_docs())
     app.include_router(ops.router)
+    app.include_router(page.router)

@@ -20,7 +20,8 @@ For the gateway and any other client:
     channel_options(max_message_bytes: int) -> list[tuple[str, int]]
     server_options(max_message_bytes: int) -> list[tuple[str, int]]
 
-Both factories add the bearer token to every call (when set) and use TLS when settings.tls is on.
+Both factories add the bearer token to every call (when set), use TLS when settings.tls is on, and set a
+service config that retries the idempotent calls (RETRIED_METHODS) on UNAVAILABLE (settings.retry_attempts).
 Keepalive is set so that the two ends agree: clients ping every 30 s (also with no call in flight, which is
 what keeps the sender's long-lived stream healthy through idle NATs/load balancers); servers accept pings as
 often as every 10 s, so they never answer GOAWAY "too_many_pings".
@@ -28,6 +29,7 @@ often as every 10 s, so they never answer GOAWAY "too_many_pings".
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import grpc
@@ -38,6 +40,11 @@ from telepathy.serving.auth import SyncTokenInterceptor, aio_token_interceptors,
 CLIENT_KEEPALIVE_MS = 30_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000  # must stay below CLIENT_KEEPALIVE_MS
 KEEPALIVE_TIMEOUT_MS = 10_000
+# Calls gRPC may send again on UNAVAILABLE (the service config's retryPolicy): they change nothing on the service
+# and answer the same each time. Not Relay: its UNAVAILABLE may come after the receiver ran the item (the sender's
+# link broke, the receiver drained). Not the streams. Health is left to its callers (healthcheck reports at once).
+RETRIED_METHODS = {"telepathy.v1.Sender": ("Info", "Encode", "Generate"),
+                   "telepathy.v1.Receiver": ("Info", "ListBridges", "Classify", "ClassifyText")}
 
 
 class ClientSettings(TelepathySettings):
@@ -57,6 +64,8 @@ class ClientSettings(TelepathySettings):
     max_message_bytes: int = setting(4 * MiB, "gRPC max send/receive message size")
     # Every outgoing call gets a deadline; this is the one used when the caller gives none.
     timeout_s: float = setting(30.0, "default deadline of a call, seconds", env="TELEPATHY_CLIENT_TIMEOUT_S")
+    retry_attempts: int = setting(4, "attempts of an idempotent call answered UNAVAILABLE (1 = no retries, at most 5)",
+                                  env="TELEPATHY_CLIENT_RETRY_ATTEMPTS")
 
     def _check(self) -> None:
         super()._check()
@@ -64,6 +73,7 @@ class ClientSettings(TelepathySettings):
         require(bool(self.tls_cert) == bool(self.tls_key), "TELEPATHY_TLS_CERT / TELEPATHY_TLS_KEY", "give both or neither")
         require(self.timeout_s > 0, "TELEPATHY_CLIENT_TIMEOUT_S", "must be positive")
         require(self.max_message_bytes >= 64 * 1024, "TELEPATHY_MAX_MESSAGE_BYTES", "must be at least 65536")
+        require(1 <= self.retry_attempts <= 5, "TELEPATHY_CLIENT_RETRY_ATTEMPTS", "must be 1 to 5")
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> ClientSettings:
@@ -104,6 +114,22 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def service_config(retry_attempts: int) -> str:
+    """The channel's gRPC service config (JSON): RETRIED_METHODS retried on UNAVAILABLE, `retry_attempts` in all,
+    backoff 0.1 s doubling to 1 s (randomized by gRPC), within the call's one deadline. "{}" when 1."""
+    if retry_attempts <= 1:
+        return "{}"
+    policy = {"maxAttempts": retry_attempts, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+              "retryableStatusCodes": ["UNAVAILABLE"]}
+    names = [{"service": svc, "method": m} for svc, methods in RETRIED_METHODS.items() for m in methods]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def _retry_options(settings: ClientSettings) -> list[tuple[str, int | str]]:
+    return [("grpc.enable_retries", int(settings.retry_attempts > 1)),
+            ("grpc.service_config", service_config(settings.retry_attempts))]
+
+
 def _tls_options(settings: ClientSettings) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
 
@@ -116,7 +142,7 @@ def make_channel(address: str, settings: ClientSettings | None = None, *, option
     long-lived bidi stream (the sender's link) is better off without.
     """
     settings = settings or ClientSettings()
-    opts = channel_options(settings.max_message_bytes) + _tls_options(settings) + list(options)
+    opts = channel_options(settings.max_message_bytes) + _retry_options(settings) + _tls_options(settings) + list(options)
     interceptors = aio_token_interceptors(settings.auth_token) if settings.auth_token and with_token else None
     if settings.tls:
         creds = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
@@ -127,7 +153,7 @@ def make_channel(address: str, settings: ClientSettings | None = None, *, option
 def make_sync_channel(address: str, settings: ClientSettings | None = None, *, options=()) -> grpc.Channel:
     """A blocking channel to `address`, for scripts, agents and tests."""
     settings = settings or ClientSettings()
-    opts = channel_options(settings.max_message_bytes) + _tls_options(settings) + list(options)
+    opts = channel_options(settings.max_message_bytes) + _retry_options(settings) + _tls_options(settings) + list(options)
     if settings.tls:
         creds = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
         channel = grpc.secure_channel(address, creds, options=opts)

@@ -27,8 +27,9 @@ from .work import PairWork
 class PairService(BaseService):
     name = "pair"
 
-    def __init__(self, settings: PairSettings, lm: LanguageModel | None = None, receiver_lm: LanguageModel | None = None):
-        super().__init__(settings)
+    def __init__(self, settings: PairSettings, lm: LanguageModel | None = None, receiver_lm: LanguageModel | None = None,
+                 tracer_provider=None):
+        super().__init__(settings, tracer_provider)
         self._preloaded, self._preloaded_receiver = lm, receiver_lm
         self.receiver_settings = settings.receiver_settings()
         self.runtime = self.receiver_runtime = self.pair_work = None
@@ -39,7 +40,8 @@ class PairService(BaseService):
         self.soft_tokens = self.batcher("receiver_soft_tokens", self.receiver_settings)
         self.texts = self.batcher("receiver_text", self.receiver_settings)
         self.receiver_servicer = ReceiverServicer(self.receiver_settings, self.state, self.metrics, self.receiver_slot,
-                                                  soft_tokens=self.soft_tokens, texts=self.texts)
+                                                  soft_tokens=self.soft_tokens, texts=self.texts,
+                                                  tracing=self.tracing)
         # The sender half, whose link is the receiver half.
         self.engine_slot = EngineSlot(self.name)
         self.encoder = self.batcher("sender_encode")
@@ -48,7 +50,7 @@ class PairService(BaseService):
         self.link = LocalReceiver(self.receiver_servicer, self.metrics)
         self.servicer = PairSenderServicer(settings, self.state, self.metrics, self.engine_slot, encoder=self.encoder,
                                            generator=self.generator, link=self.link, fused=self.fused,
-                                           fused_tasks=self.fused_tasks)
+                                           fused_tasks=self.fused_tasks, tracing=self.tracing)
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
         self.grpc.add_servicer(receiver_pb2_grpc.add_ReceiverServicer_to_server, self.receiver_servicer)
 
@@ -89,6 +91,8 @@ class PairService(BaseService):
         self.receiver_servicer.drain()
 
 
-def build_pair(settings: PairSettings, lm: LanguageModel | None = None, receiver_lm: LanguageModel | None = None) -> PairService:
-    """A pair for `settings`; `lm` / `receiver_lm` skip loading the models (tests share them). Call inside the loop."""
-    return PairService(settings, lm, receiver_lm)
+def build_pair(settings: PairSettings, lm: LanguageModel | None = None, receiver_lm: LanguageModel | None = None,
+               tracer_provider=None) -> PairService:
+    """A pair for `settings`; `lm` / `receiver_lm` skip loading the models (tests share them); `tracer_provider`
+    overrides the one settings.tracing builds. Call inside the loop."""
+    return PairService(settings, lm, receiver_lm, tracer_provider)

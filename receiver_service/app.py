@@ -24,15 +24,16 @@ class ReceiverService(BaseService):
     name = "receiver"
     service_name = receiver_pb2.DESCRIPTOR.services_by_name["Receiver"].full_name
 
-    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None):
-        super().__init__(settings)
+    def __init__(self, settings: ReceiverSettings, lm: LanguageModel | None = None, tracer_provider=None):
+        super().__init__(settings, tracer_provider)
         self._preloaded = lm
         self.runtime: ReceiverRuntime | None = None
         self.engine_slot = EngineSlot(self.name)
         self.soft_tokens = self.batcher("receiver_soft_tokens")
         self.texts = self.batcher("receiver_text")
         self.servicer = ReceiverServicer(settings, self.state, self.metrics, self.engine_slot,
-                                         soft_tokens=self.soft_tokens, texts=self.texts)
+                                         soft_tokens=self.soft_tokens, texts=self.texts,
+                                         tracing=self.tracing)
         self.grpc.add_servicer(receiver_pb2_grpc.add_ReceiverServicer_to_server, self.servicer)
 
     def load(self) -> str:
@@ -62,6 +63,7 @@ def check_message_size(settings: ReceiverSettings, bridges: BridgeSet) -> None:
             )
 
 
-def build_receiver(settings: ReceiverSettings, lm: LanguageModel | None = None) -> ReceiverService:
-    """A receiver for `settings`; `lm` skips loading settings.model (tests share one). Call inside the event loop."""
-    return ReceiverService(settings, lm)
+def build_receiver(settings: ReceiverSettings, lm: LanguageModel | None = None, tracer_provider=None) -> ReceiverService:
+    """A receiver for `settings`; `lm` skips loading settings.model (tests share one); `tracer_provider` overrides
+    the one settings.tracing builds. Call inside the event loop."""
+    return ReceiverService(settings, lm, tracer_provider)

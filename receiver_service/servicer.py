@@ -33,7 +33,9 @@ from telepathy.serving.errors import (
     unavailable,
 )
 from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
+from telepathy.serving.logs import REQUEST_ID
 from telepathy.serving.metrics import ServiceMetrics
+from telepathy.serving.tracing import Tracing, set_attributes
 
 from .settings import ReceiverSettings
 from .validate import check_soft_tokens
@@ -55,8 +57,9 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
     probabilities) and the slot its engine (bridges, model info) appears in once loaded."""
 
     def __init__(self, settings: ReceiverSettings, state: ServiceState, metrics: ServiceMetrics, engine: EngineSlot,
-                 *, soft_tokens: DynamicBatcher, texts: DynamicBatcher):
+                 *, soft_tokens: DynamicBatcher, texts: DynamicBatcher, tracing: Tracing | None = None):
         self.settings, self.state, self.metrics = settings, state, metrics
+        self.tracing = tracing or Tracing()
         self._engine = engine
         self.soft_tokens, self.texts = soft_tokens, texts
         self._streams: set[_Stream] = set()
@@ -195,7 +198,19 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
             stream.out.put_nowait(_EOF)
 
     async def _item(self, req: receiver_pb2.ClassifyStreamRequest, received: float, stream: _Stream) -> None:
+        if not self.tracing.on:
+            return await self._answer(req, received, stream, None)
+        carrier = getattr(req, "trace_context", None)  # the sender's span for this item (an Undecodable has none)
+        text = isinstance(req, receiver_pb2.ClassifyStreamRequest) and req.HasField("text")
+        with self.tracing.span("receiver.item", "SERVER", parent=dict(carrier) if carrier else None,
+                               path="text" if text else "bridge") as span:
+            if isinstance(req, receiver_pb2.ClassifyStreamRequest):
+                set_attributes(span, task=req.text.task if text else req.soft_tokens.task, wire_bytes=req.ByteSize())
+            await self._answer(req, received, stream, span)
+
+    async def _answer(self, req: receiver_pb2.ClassifyStreamRequest, received: float, stream: _Stream, span) -> None:
         request_id = _reply_id(req)
+        REQUEST_ID.set(request_id or None)  # the item's id on the stream (serving/logs.py)
         code = grpc.StatusCode.OK
         try:
             if req.timeout_ms < 0:
@@ -212,6 +227,7 @@ class ReceiverServicer(receiver_pb2_grpc.ReceiverServicer):
         finally:
             stream.busy -= 1
         self.metrics.observe_request("ClassifyStream.item", code, time.monotonic() - received)
+        set_attributes(span, status=code.name)
         stream.out.put_nowait(response)
 
 

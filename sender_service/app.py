@@ -21,8 +21,8 @@ class SenderService(BaseService):
     name = "sender"
     service_name = sender_pb2.DESCRIPTOR.services_by_name["Sender"].full_name
 
-    def __init__(self, settings: SenderSettings, lm: LanguageModel | None = None):
-        super().__init__(settings)
+    def __init__(self, settings: SenderSettings, lm: LanguageModel | None = None, tracer_provider=None):
+        super().__init__(settings, tracer_provider)
         self._preloaded = lm
         self.runtime: SenderRuntime | None = None
         self.engine_slot = EngineSlot(self.name)
@@ -31,7 +31,8 @@ class SenderService(BaseService):
         self.link = ReceiverPool(settings.receiver_addr, settings.receiver_client(), self.metrics,
                                  streams=settings.receiver_streams, wait_s=settings.receiver_wait_s)
         self.servicer = SenderServicer(settings, self.state, self.metrics, self.engine_slot,
-                                       encoder=self.encoder, generator=self.generator, link=self.link)
+                                       encoder=self.encoder, generator=self.generator, link=self.link,
+                                       tracing=self.tracing)
         self.grpc.add_servicer(sender_pb2_grpc.add_SenderServicer_to_server, self.servicer)
 
     def load(self) -> str:
@@ -52,6 +53,7 @@ class SenderService(BaseService):
         await self.link.close()
 
 
-def build_sender(settings: SenderSettings, lm: LanguageModel | None = None) -> SenderService:
-    """A sender for `settings`; `lm` skips loading settings.model (tests share one). Call inside the event loop."""
-    return SenderService(settings, lm)
+def build_sender(settings: SenderSettings, lm: LanguageModel | None = None, tracer_provider=None) -> SenderService:
+    """A sender for `settings`; `lm` skips loading settings.model (tests share one); `tracer_provider` overrides
+    the one settings.tracing builds (serving/tracing.py). Call inside the event loop."""
+    return SenderService(settings, lm, tracer_provider)

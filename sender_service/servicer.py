@@ -28,7 +28,9 @@ from telepathy.serving.convert import (
 )
 from telepathy.serving.errors import ServiceError, grpc_method, invalid
 from telepathy.serving.lifecycle import EngineSlot, ServiceState, deadline_from
+from telepathy.serving.logs import REQUEST_ID
 from telepathy.serving.metrics import ServiceMetrics
+from telepathy.serving.tracing import Tracing, current_span, set_attributes
 
 from .link import ReceiverPool
 from .settings import SenderSettings
@@ -41,8 +43,9 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     to the receiver, and the slot its engine (bridges, model info) appears in once loaded."""
 
     def __init__(self, settings: SenderSettings, state: ServiceState, metrics: ServiceMetrics, engine: EngineSlot, *,
-                 encoder: DynamicBatcher, generator: DynamicBatcher, link: ReceiverPool):
+                 encoder: DynamicBatcher, generator: DynamicBatcher, link: ReceiverPool, tracing: Tracing | None = None):
         self.settings, self.state, self.metrics = settings, state, metrics
+        self.tracing = tracing or Tracing()
         self._engine = engine
         self.encoder, self.generator, self.link = encoder, generator, link
 
@@ -84,10 +87,13 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
         received = time.monotonic()
         self.state.check()
         check_id(request.request_id, "request_id")
+        REQUEST_ID.set(request.request_id or None)  # its log lines carry it (serving/logs.py)
         deadline = self._deadline(context)
         path = request.path or sender_pb2.PATH_BRIDGE
         if path not in _PATH_NAMES:
             raise invalid("path", f"unknown path enum value {path}; expected PATH_BRIDGE or PATH_TEXT")
+        if self.tracing.on:  # the Relay server span (OTel's gRPC interceptor)
+            set_attributes(current_span(), task=request.task, path=_PATH_NAMES[path], request_id=request.request_id)
         if path == sender_pb2.PATH_BRIDGE:
             return await self.relay_bridge(request, deadline, received)
         return await self.relay_text(request, deadline, received)
@@ -116,7 +122,11 @@ class SenderServicer(sender_pb2_grpc.SenderServicer):
     async def _relay(self, request: sender_pb2.RelayRequest, item: receiver_pb2.ClassifyStreamRequest,
                      timing: BatchTiming, received: float, deadline: float, path: int, wire_bytes: int, relay_text: str):
         sent = time.monotonic()
-        answer = await self.link.call(item, deadline)
+        with self.tracing.span("receiver.stream send", "CLIENT", carrier=item.trace_context, task=request.task,
+                               path=_PATH_NAMES[path], wire_bytes=wire_bytes, request_id=request.request_id) as span:
+            answer = await self.link.call(item, deadline)
+            set_attributes(span, label=answer.label or None)
+        set_attributes(current_span() if self.tracing.on else None, wire_bytes=wire_bytes)
         round_trip = micros(time.monotonic() - sent)
 
         result = common_pb2.ClassifyResult()

@@ -434,6 +434,9 @@ class ServiceSettings(TelepathySettings):
     # The static-shape path of bridge/runtime/fastpath/ (CUDA graphs, fused layers, label-only logits); its own
     # switches are TELEPATHY_FASTPATH_* (docs/PERFORMANCE.md). Eager engines on the CPU, where graphs gain nothing.
     fast_path: str = setting("auto", "static-shape fast path: auto (on with CUDA), on, off")
+    tracing: str = setting("off", "OpenTelemetry tracing: off, console, otlp (docs/SERVICES.md: Tracing and logs)")
+    otlp_endpoint: str = setting("http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint when tracing=otlp")
+    log_format: str = setting("text", "log lines: text, or json (one object a line, with the request id)")
 
     @field_validator("task_files", mode="before")
     @classmethod
@@ -459,6 +462,8 @@ class ServiceSettings(TelepathySettings):
         require(self.grace_s >= 0, where(self, "grace_s"), "must not be negative")
         require(self.fast_path in FAST_PATH_MODES, where(self, "fast_path"),
                 f"{self.fast_path!r} is not one of {', '.join(FAST_PATH_MODES)}")
+        for name, modes in (("tracing", ("off", "console", "otlp")), ("log_format", ("text", "json"))):
+            require(getattr(self, name) in modes, where(self, name), f"{getattr(self, name)!r} is not one of {', '.join(modes)}")
         self._check_security()
 
     def _check_security(self) -> None:

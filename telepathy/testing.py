@@ -136,13 +136,13 @@ class GatewayThread:
     The app (and its grpc.aio channels, created in the lifespan) lives on the thread's own event loop.
     """
 
-    def __init__(self, settings: GatewaySettings, access_log: bool = False):
+    def __init__(self, settings: GatewaySettings, access_log: bool = False, tracer_provider=None):
         import uvicorn  # the gateway extra; the service harness above works without it
 
         from telepathy.gateway.app import build_app
 
         self.settings = settings
-        self.app = build_app(settings)
+        self.app = build_app(settings, tracer_provider)
         config = uvicorn.Config(self.app, host=settings.host, port=settings.port, log_level="warning",
                                 access_log=access_log, timeout_graceful_shutdown=settings.graceful_shutdown_s)
         self.server = uvicorn.Server(config)

@@ -19,14 +19,20 @@ from telepathy.gateway.errors import install_error_handlers
 from telepathy.gateway.routes import attach_routes
 from telepathy.gateway.serving import GatewayMetrics, GatewayService, ServiceClients
 from telepathy.gateway.settings import GatewaySettings
+from telepathy.serving.tracing import Tracing
+from telepathy.serving.tracing import tracer_provider as tracer_provider_for
 
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: GatewaySettings | None = None) -> FastAPI:
+def build_app(settings: GatewaySettings | None = None, tracer_provider=None) -> FastAPI:
+    """`tracer_provider` overrides the one settings.tracing builds (None when off; serving/tracing.py)."""
     settings = settings or GatewaySettings.from_env()
     metrics = GatewayMetrics()
-    clients = ServiceClients(settings)
+    if tracer_provider is None:
+        tracer_provider = tracer_provider_for(settings.tracing, settings.otlp_endpoint, "gateway")
+    tracing = Tracing(tracer_provider, "telepathy.gateway")
+    clients = ServiceClients(settings, tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,4 +61,9 @@ def build_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     attach_routes(app, settings)
+    if tracing.on:  # the HTTP server span of each request, outermost (W3C traceparent from the caller honoured)
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=tracer_provider, exclude_spans=["receive", "send"],
+                                           excluded_urls="healthz,readyz,metrics")
     return app

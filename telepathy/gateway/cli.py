@@ -95,8 +95,14 @@ def _gateway(args: argparse.Namespace) -> int:
     except ValueError as exc:  # SettingsError: names the flag, variable or config entry to fix
         print(f"gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
+    extra = {}
+    if settings.log_format == "json":  # uvicorn's loggers then propagate to the root logger, JSON like ours
+        from telepathy.serving import logs
+
+        logs.configure("json", settings.log_level.upper())
+        extra["log_config"] = None
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=args.access_log, timeout_graceful_shutdown=settings.graceful_shutdown_s)
+                access_log=args.access_log, timeout_graceful_shutdown=settings.graceful_shutdown_s, **extra)
     return 0
 
 

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from telepathy.gateway.errors import GatewayError, error_body
 from telepathy.gateway.serving import REQUEST_ID_HEADER, GatewayMetrics, check_api_key, request_id_from
 from telepathy.gateway.settings import GatewaySettings
+from telepathy.serving.logs import REQUEST_ID
 
 try:
     from fastapi.routing import iter_route_contexts
@@ -175,6 +176,7 @@ class RequestContextMiddleware:
         headers = Headers(scope=scope)
         request_id = request_id_from(headers.get("x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
+        REQUEST_ID.set(request_id)  # log lines of this request carry it (serving/logs.py, log_format json)
         route, full = match_route(self._routes, scope)
         body = _Body(headers, self.settings)
         start = time.perf_counter()

@@ -32,6 +32,7 @@ from telepathy.gateway.errors import UPSTREAM_MESSAGES, GatewayError, error_from
 from telepathy.gateway.settings import GatewaySettings
 from telepathy.protos.v1 import receiver_pb2, receiver_pb2_grpc, sender_pb2, sender_pb2_grpc
 from telepathy.serving.channels import ClientSettings, make_channel
+from telepathy.serving.tracing import Tracing, set_attributes
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ class ServiceClients:
 
     Created in the app's lifespan, inside the running event loop (grpc.aio channels are bound to it)."""
 
-    def __init__(self, settings: GatewaySettings):
+    def __init__(self, settings: GatewaySettings, tracing: Tracing | None = None):
         self.settings = settings
+        self.tracing = tracing or Tracing()
         self.sender_channel: grpc.aio.Channel | None = None
         self.receiver_channel: grpc.aio.Channel | None = None
 
@@ -160,7 +162,8 @@ class ServiceClients:
         # configured, message limits and keepalive/reconnect options that match the servers' settings (a restarted
         # sender is found again within ~2 s, so /readyz and requests recover quickly).
         client = client_settings(self.settings)
-        self.sender_channel = make_channel(self.settings.sender_addr, client)
+        self.sender_channel = make_channel(self.settings.sender_addr, client,
+                                           interceptors=self.tracing.client_interceptors())
         self.sender = sender_pb2_grpc.SenderStub(self.sender_channel)
         self.sender_health = health_pb2_grpc.HealthStub(self.sender_channel)
         if self.settings.receiver_addr:
@@ -211,6 +214,7 @@ def _ms(us: int) -> float:
 
 class GatewayService:
     def __init__(self, settings: GatewaySettings, clients: ServiceClients, metrics: GatewayMetrics):
+        self.tracing = getattr(clients, "tracing", None) or Tracing()  # the clients' (fakes in tests have none)
         self.settings = settings
         self.clients = clients
         self.metrics = metrics
@@ -259,8 +263,18 @@ class GatewayService:
         request = sender_pb2.RelayRequest(request_id=upstream_id, task=task, text=text, path=PATHS[path],
                                           max_relay_tokens=self.settings.max_relay_tokens)
         start = time.perf_counter()
+        with self.tracing.span(f"gateway {path}", task=task, path=path, request_id=upstream_id) as span:
+            reply = await self._relay(request, path, budget)
+            set_attributes(span, wire_bytes=int(reply.wire_bytes), label=reply.result.label or None)
+        total_ms = (time.perf_counter() - start) * 1000.0
+        response = self._to_response(reply, task, path, request_id, total_ms)
+        self._observe(response)
+        log.debug("classified task=%s path=%s label=%s in %.1f ms", task, path, response.label, total_ms)
+        return response
+
+    async def _relay(self, request: sender_pb2.RelayRequest, path: str, budget: Budget) -> sender_pb2.RelayResponse:
         try:
-            reply = await self.clients.relay(request, timeout=budget.remaining())
+            return await self.clients.relay(request, timeout=budget.remaining())
         except grpc.RpcError as exc:
             self.metrics.upstream_errors.labels("sender", exc.code().name).inc()
             err = error_from_grpc(exc, "sender")
@@ -269,10 +283,6 @@ class GatewayService:
         except GatewayError as err:
             self.metrics.classifications.labels(path, str(err.status)).inc()
             raise
-        total_ms = (time.perf_counter() - start) * 1000.0
-        response = self._to_response(reply, task, path, request_id, total_ms)
-        self._observe(response)
-        return response
 
     @staticmethod
     def _to_response(reply: sender_pb2.RelayResponse, task: str, path: str, request_id: str,

@@ -62,6 +62,9 @@ class GatewaySettings(TelepathySettings):
     # Seconds uvicorn waits for in-flight requests on shutdown.
     graceful_shutdown_s: float = setting(10.0, "how long uvicorn waits for in-flight requests on shutdown", env=None)
     log_level: str = setting("info", "uvicorn log level", env=None)
+    tracing: str = setting("off", "OpenTelemetry tracing: off, console, otlp (docs/SERVICES.md: Tracing and logs)")
+    otlp_endpoint: str = setting("http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint when tracing=otlp")
+    log_format: str = setting("text", "log lines: text, or json (one object a line, with the request id)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -72,6 +75,9 @@ class GatewaySettings(TelepathySettings):
         super()._check()
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise SettingsError("api_keys: keys must be non-empty and contain no whitespace")
+        for name, modes in (("tracing", ("off", "console", "otlp")), ("log_format", ("text", "json"))):
+            if getattr(self, name) not in modes:
+                raise SettingsError(f"{name} must be one of {', '.join(modes)}, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be in 0..65535, got {self.port}")
         if not self.sender_addr or ":" not in self.sender_addr:

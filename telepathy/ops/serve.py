@@ -82,6 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"telepathy serve {args.role}: {exc}", file=sys.stderr)
         return 2
+    if settings.log_format != "text":
+        from telepathy.serving import logs
+
+        logs.configure(settings.log_format)
     return asyncio.run(run_service(args.role, settings))
 
 

@@ -86,6 +86,7 @@ class DynamicBatcher(Generic[Item, R]):
         waiter: Executor | None = None,  # where Deferred results are waited for (None: `executor`, no overlap)
         max_in_flight: int = 1,
         stoppable: bool = False,  # run_batch takes a third argument, the batch's "nobody waits" Event
+        tracing=None,  # serving.tracing.Tracing: a queue and a model span per request when on
     ):
         self.name = name
         self._run_batch = run_batch
@@ -99,6 +100,7 @@ class DynamicBatcher(Generic[Item, R]):
         self._slots: asyncio.Semaphore | None = None
         self._finishing: set[asyncio.Task] = set()
         self._metrics = metrics
+        self._tracing = tracing if tracing is not None and tracing.on else None
         self._pending: deque[_Entry] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -159,7 +161,10 @@ class DynamicBatcher(Generic[Item, R]):
         self._wakeup.set()
         timer = loop.call_later(deadline - now, self._expire, entry) if deadline is not None else None
         try:
-            return await entry.future  # cancelling the caller cancels this future too
+            result = await entry.future  # cancelling the caller cancels this future too
+            if self._tracing is not None:
+                self._tracing.stage(self.name, now, result[1], batch_key=str(key))
+            return result
         finally:
             if timer is not None:
                 timer.cancel()

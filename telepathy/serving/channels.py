@@ -134,7 +134,8 @@ def _tls_options(settings: ClientSettings) -> list[tuple[str, str]]:
     return [("grpc.ssl_target_name_override", settings.tls_server_name)] if settings.tls_server_name else []
 
 
-def make_channel(address: str, settings: ClientSettings | None = None, *, options=(), with_token: bool = True) -> grpc.aio.Channel:
+def make_channel(address: str, settings: ClientSettings | None = None, *, options=(), with_token: bool = True,
+                 interceptors=()) -> grpc.aio.Channel:
     """An asyncio channel to `address` (host:port); create it inside the event loop that will use it.
 
     with_token=False leaves the token out (pass `metadata=call_metadata(settings)` per call instead): grpc.aio
@@ -143,7 +144,8 @@ def make_channel(address: str, settings: ClientSettings | None = None, *, option
     """
     settings = settings or ClientSettings()
     opts = channel_options(settings.max_message_bytes) + _retry_options(settings) + _tls_options(settings) + list(options)
-    interceptors = aio_token_interceptors(settings.auth_token) if settings.auth_token and with_token else None
+    # `interceptors`: the caller's client interceptors (the gateway's tracing), outside the token one
+    interceptors = [*interceptors, *(aio_token_interceptors(settings.auth_token) if settings.auth_token and with_token else ())] or None
     if settings.tls:
         creds = channel_credentials(settings.tls_ca, settings.tls_cert, settings.tls_key)
         return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)

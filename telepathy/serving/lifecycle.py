@@ -20,6 +20,7 @@ from telepathy.bridge.lm import LanguageModel
 from telepathy.bridge.runtime.engine import BridgeSet, load_bridge_set
 from telepathy.bridge.tasks import load_task_file
 from telepathy.config import ServiceSettings
+from telepathy.serving import tracing
 from telepathy.serving.batcher import DynamicBatcher
 from telepathy.serving.convert import VERSION
 from telepathy.serving.errors import unavailable
@@ -135,10 +136,14 @@ class BaseService:
     name = "service"
     service_name = ""
 
-    def __init__(self, settings: ServiceSettings):
+    def __init__(self, settings: ServiceSettings, tracer_provider=None):
         self.settings = settings
         self.metrics = ServiceMetrics(self.name, VERSION)
-        self.grpc = GrpcServer(settings, self.service_names(), self.metrics)
+        # tracer_provider: one handed in (tests, an embedding app), else one from the settings (None when off)
+        if tracer_provider is None:
+            tracer_provider = tracing.tracer_provider(settings.tracing, settings.otlp_endpoint, self.name)
+        self.tracing = tracing.Tracing(tracer_provider, f"telepathy.{self.name}")
+        self.grpc = GrpcServer(settings, self.service_names(), self.metrics, self.tracing)
         self.state = ServiceState(self.name)
         # One model thread: the model and tokenizer are not re-entrant, and the event loop stays free for I/O.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-model")
@@ -156,7 +161,7 @@ class BaseService:
         s = settings or self.settings
         b = DynamicBatcher(name, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_s,
                            max_queue_size=s.max_queue_size, executor=self.executor, metrics=self.metrics,
-                           waiter=self.waiter, max_in_flight=s.max_batches_in_flight)
+                           waiter=self.waiter, max_in_flight=s.max_batches_in_flight, tracing=self.tracing)
         self.batchers.append(b)
         return b
 

@@ -24,6 +24,7 @@ from telepathy.serving.auth import TokenAuthInterceptor, server_credentials
 from telepathy.serving.channels import server_options
 from telepathy.serving.errors import Undecodable, abort, clip
 from telepathy.serving.metrics import ServiceMetrics
+from telepathy.serving.tracing import Tracing
 
 log = logging.getLogger(__name__)
 _KINDS = {(False, False): "unary_unary", (False, True): "unary_stream", (True, False): "stream_unary",
@@ -138,7 +139,8 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
 
 class GrpcServer:
-    def __init__(self, settings: ServiceSettings, service_names: list[str], metrics: ServiceMetrics):
+    def __init__(self, settings: ServiceSettings, service_names: list[str], metrics: ServiceMetrics,
+                 tracing: Tracing | None = None):
         self.settings = settings
         self.service_names = list(service_names)
         def counter(code: grpc.StatusCode) -> Callable[[str], None]:
@@ -147,7 +149,7 @@ class GrpcServer:
 
             return count
 
-        interceptors = []
+        interceptors = tracing.server_interceptors() if tracing is not None else []  # outermost: refusals traced too
         if settings.auth_token:
             interceptors.append(TokenAuthInterceptor(settings.auth_token, on_denied=counter(grpc.StatusCode.UNAUTHENTICATED)))
         # Last, so innermost: the auth check runs first, and a refused caller's bytes are never decoded.

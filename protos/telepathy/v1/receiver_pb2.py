@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as telepathy_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelepathy/v1/receiver.proto\x12\x0ctelepathy.v1\x1a\x19telepathy/v1/common.proto\"@\n\x0f\x43lassifyRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\"@\n\x10\x43lassifyResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x8b\x01\n\x15\x43lassifyStreamRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\x12/\n\x04text\x18\x03 \x01(\x0b\x32!.telepathy.v1.ClassifyTextRequest\"\x8d\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.telepathy.v1.ErrorH\x00\x42\t\n\x07outcome\"E\n\x13\x43lassifyTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\x14\x43lassifyTextResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x14\n\x12ListBridgesRequest\"@\n\x13ListBridgesResponse\x12)\n\x07\x62ridges\x18\x01 \x03(\x0b\x32\x18.telepathy.v1.BridgeInfo\"\x15\n\x13ReceiverInfoRequest\"\xd1\x01\n\x14ReceiverInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.telepathy.v1.ModelInfo\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.telepathy.v1.Limits\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\'\n\x07\x63\x61talog\x18\x07 \x03(\x0b\x32\x16.telepathy.v1.TaskInfo2\xb0\x03\n\x08Receiver\x12I\n\x08\x43lassify\x12\x1d.telepathy.v1.ClassifyRequest\x1a\x1e.telepathy.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.telepathy.v1.ClassifyStreamRequest\x1a$.telepathy.v1.ClassifyStreamResponse(\x01\x30\x01\x12U\n\x0c\x43lassifyText\x12!.telepathy.v1.ClassifyTextRequest\x1a\".telepathy.v1.ClassifyTextResponse\x12R\n\x0bListBridges\x12 .telepathy.v1.ListBridgesRequest\x1a!.telepathy.v1.ListBridgesResponse\x12M\n\x04Info\x12!.telepathy.v1.ReceiverInfoRequest\x1a\".telepathy.v1.ReceiverInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btelepathy/v1/receiver.proto\x12\x0ctelepathy.v1\x1a\x19telepathy/v1/common.proto\"@\n\x0f\x43lassifyRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\"@\n\x10\x43lassifyResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x8e\x02\n\x15\x43lassifyStreamRequest\x12-\n\x0bsoft_tokens\x18\x01 \x01(\x0b\x32\x18.telepathy.v1.SoftTokens\x12\x12\n\ntimeout_ms\x18\x02 \x01(\x03\x12/\n\x04text\x18\x03 \x01(\x0b\x32!.telepathy.v1.ClassifyTextRequest\x12L\n\rtrace_context\x18\x04 \x03(\x0b\x32\x35.telepathy.v1.ClassifyStreamRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8d\x01\n\x16\x43lassifyStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResultH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.telepathy.v1.ErrorH\x00\x42\t\n\x07outcome\"E\n\x13\x43lassifyTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\x14\x43lassifyTextResponse\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1c.telepathy.v1.ClassifyResult\"\x14\n\x12ListBridgesRequest\"@\n\x13ListBridgesResponse\x12)\n\x07\x62ridges\x18\x01 \x03(\x0b\x32\x18.telepathy.v1.BridgeInfo\"\x15\n\x13ReceiverInfoRequest\"\xd1\x01\n\x14ReceiverInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.telepathy.v1.ModelInfo\x12\r\n\x05tasks\x18\x03 \x03(\t\x12$\n\x06limits\x18\x04 \x01(\x0b\x32\x14.telepathy.v1.Limits\x12\x13\n\x0bwire_dtypes\x18\x05 \x03(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\'\n\x07\x63\x61talog\x18\x07 \x03(\x0b\x32\x16.telepathy.v1.TaskInfo2\xb0\x03\n\x08Receiver\x12I\n\x08\x43lassify\x12\x1d.telepathy.v1.ClassifyRequest\x1a\x1e.telepathy.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.telepathy.v1.ClassifyStreamRequest\x1a$.telepathy.v1.ClassifyStreamResponse(\x01\x30\x01\x12U\n\x0c\x43lassifyText\x12!.telepathy.v1.ClassifyTextRequest\x1a\".telepathy.v1.ClassifyTextResponse\x12R\n\x0bListBridges\x12 .telepathy.v1.ListBridgesRequest\x1a!.telepathy.v1.ListBridgesResponse\x12M\n\x04Info\x12!.telepathy.v1.ReceiverInfoRequest\x1a\".telepathy.v1.ReceiverInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'telepathy.v1.receiver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CLASSIFYSTREAMREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_CLASSIFYSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_CLASSIFYREQUEST']._serialized_start=72
   _globals['_CLASSIFYREQUEST']._serialized_end=136
   _globals['_CLASSIFYRESPONSE']._serialized_start=138
   _globals['_CLASSIFYRESPONSE']._serialized_end=202
   _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=205
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=344
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=347
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=488
-  _globals['_CLASSIFYTEXTREQUEST']._serialized_start=490
-  _globals['_CLASSIFYTEXTREQUEST']._serialized_end=559
-  _globals['_CLASSIFYTEXTRESPONSE']._serialized_start=561
-  _globals['_CLASSIFYTEXTRESPONSE']._serialized_end=629
-  _globals['_LISTBRIDGESREQUEST']._serialized_start=631
-  _globals['_LISTBRIDGESREQUEST']._serialized_end=651
-  _globals['_LISTBRIDGESRESPONSE']._serialized_start=653
-  _globals['_LISTBRIDGESRESPONSE']._serialized_end=717
-  _globals['_RECEIVERINFOREQUEST']._serialized_start=719
-  _globals['_RECEIVERINFOREQUEST']._serialized_end=740
-  _globals['_RECEIVERINFORESPONSE']._serialized_start=743
-  _globals['_RECEIVERINFORESPONSE']._serialized_end=952
-  _globals['_RECEIVER']._serialized_start=955
-  _globals['_RECEIVER']._serialized_end=1387
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=475
+  _globals['_CLASSIFYSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_start=424
+  _globals['_CLASSIFYSTREAMREQUEST_TRACECONTEXTENTRY']._serialized_end=475
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=478
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=619
+  _globals['_CLASSIFYTEXTREQUEST']._serialized_start=621
+  _globals['_CLASSIFYTEXTREQUEST']._serialized_end=690
+  _globals['_CLASSIFYTEXTRESPONSE']._serialized_start=692
+  _globals['_CLASSIFYTEXTRESPONSE']._serialized_end=760
+  _globals['_LISTBRIDGESREQUEST']._serialized_start=762
+  _globals['_LISTBRIDGESREQUEST']._serialized_end=782
+  _globals['_LISTBRIDGESRESPONSE']._serialized_start=784
+  _globals['_LISTBRIDGESRESPONSE']._serialized_end=848
+  _globals['_RECEIVERINFOREQUEST']._serialized_start=850
+  _globals['_RECEIVERINFOREQUEST']._serialized_end=871
+  _globals['_RECEIVERINFORESPONSE']._serialized_start=874
+  _globals['_RECEIVERINFORESPONSE']._serialized_end=1083
+  _globals['_RECEIVER']._serialized_start=1086
+  _globals['_RECEIVER']._serialized_end=1518
 # @@protoc_insertion_point(module_scope)

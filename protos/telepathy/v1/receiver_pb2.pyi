@@ -20,14 +20,23 @@ class ClassifyResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[_common_pb2.ClassifyResult, _Mapping]] = ...) -> None: ...
 
 class ClassifyStreamRequest(_message.Message):
-    __slots__ = ("soft_tokens", "timeout_ms", "text")
+    __slots__ = ("soft_tokens", "timeout_ms", "text", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SOFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     soft_tokens: _common_pb2.SoftTokens
     timeout_ms: int
     text: ClassifyTextRequest
-    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.SoftTokens, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., text: _Optional[_Union[ClassifyTextRequest, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, soft_tokens: _Optional[_Union[_common_pb2.SoftTokens, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., text: _Optional[_Union[ClassifyTextRequest, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ClassifyStreamResponse(_message.Message):
     __slots__ = ("request_id", "result", "error")

@@ -200,3 +200,14 @@ def test_services_write_json_log_lines(tmp_path, tiny_bridges_dir):
     for r in ours:
         assert {"time", "level", "logger", "message"} <= set(r)
     assert any(r["logger"] == "telepathy.serving.lifecycle" and "bridges from" in r["message"] for r in ours), text
+
+
+def test_tracing_on_without_the_packages_is_a_settings_error(monkeypatch):
+    import sys
+
+    from telepathy.config import SettingsError
+    from telepathy.serving.tracing import tracer_provider
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if opentelemetry-sdk were not installed
+    with pytest.raises(SettingsError, match=r"tracing=otlp needs the OpenTelemetry packages .*telepathy-llm\[tracing\]"):
+        tracer_provider("otlp", "http://127.0.0.1:4318/v1/traces", "sender")

@@ -20,6 +20,7 @@ from telepathy.gateway.routes import attach_routes
 from telepathy.gateway.serving import GatewayMetrics, GatewayService, ServiceClients
 from telepathy.gateway.settings import GatewaySettings
 from telepathy.serving.tracing import Tracing
+from telepathy.serving.tracing import shutdown as shutdown_tracing
 from telepathy.serving.tracing import tracer_provider as tracer_provider_for
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def build_app(settings: GatewaySettings | None = None, tracer_provider=None) -> 
     """`tracer_provider` overrides the one settings.tracing builds (None when off; serving/tracing.py)."""
     settings = settings or GatewaySettings.from_env()
     metrics = GatewayMetrics()
+    own_provider = tracer_provider is None  # flushed and shut down with the app; a handed-in one is not
     if tracer_provider is None:
         tracer_provider = tracer_provider_for(settings.tracing, settings.otlp_endpoint, "gateway")
     tracing = Tracing(tracer_provider, "telepathy.gateway")
@@ -45,6 +47,8 @@ def build_app(settings: GatewaySettings | None = None, tracer_provider=None) -> 
             yield
         finally:
             await clients.close()
+            if own_provider:
+                shutdown_tracing(tracer_provider)
 
     app = FastAPI(
         title="Telepathy gateway",

@@ -92,6 +92,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
     try:
         settings = GatewaySettings.from_args(args)
+        app = build_app(settings)  # tracing on without the [tracing] extra is a SettingsError too
     except ValueError as exc:  # SettingsError: names the flag, variable or config entry to fix
         print(f"gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +102,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
         logs.configure("json", settings.log_level.upper())
         extra["log_config"] = None
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=args.access_log, timeout_graceful_shutdown=settings.graceful_shutdown_s, **extra)
     return 0
 

@@ -101,7 +101,11 @@ async def run_service(role: str, settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    service = build(settings)
+    try:
+        service = build(settings)
+    except SettingsError as exc:  # e.g. tracing on without the [tracing] extra
+        print(f"telepathy serve {role}: {exc}", file=sys.stderr)
+        return 2
     starting = asyncio.create_task(service.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -140,6 +140,7 @@ class BaseService:
         self.settings = settings
         self.metrics = ServiceMetrics(self.name, VERSION)
         # tracer_provider: one handed in (tests, an embedding app), else one from the settings (None when off)
+        self._own_provider = tracer_provider is None  # flushed and shut down by stop(); a handed-in one is not
         if tracer_provider is None:
             tracer_provider = tracing.tracer_provider(settings.tracing, settings.otlp_endpoint, self.name)
         self.tracing = tracing.Tracing(tracer_provider, f"telepathy.{self.name}")
@@ -244,6 +245,8 @@ class BaseService:
         self.executor.shutdown(wait=True)
         self.waiter.shutdown(wait=True)
         self.metrics.stop_http()
+        if self._own_provider:
+            tracing.shutdown(self.tracing.provider)
         log.info("%s stopped", self.name)
 
 

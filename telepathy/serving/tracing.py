@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+from telepathy.config import SettingsError
+
 TRACING_MODES = ("off", "console", "otlp")
 _SKIP_METHODS = ("ClassifyStream",)  # the long-lived stream: each item gets its own span instead
 _SKIP_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
@@ -30,9 +32,14 @@ def tracer_provider(mode: str, endpoint: str, service: str):
     """A TracerProvider exporting to the console or to an OTLP/HTTP collector at `endpoint`; None for "off"."""
     if mode == "off":
         return None
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    try:
+        from opentelemetry.instrumentation import grpc as _grpc  # noqa: F401 - the interceptors need it
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ModuleNotFoundError as exc:
+        raise SettingsError(f"tracing={mode} needs the OpenTelemetry packages ({exc.name} is not installed): "
+                            "pip install 'telepathy-llm[tracing]'") from None
 
     provider = TracerProvider(resource=Resource.create({"service.name": f"telepathy-{service}"}))
     if mode == "console":
@@ -43,6 +50,12 @@ def tracer_provider(mode: str, endpoint: str, service: str):
         exporter = OTLPSpanExporter(endpoint=endpoint)
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def shutdown(provider) -> None:
+    """Flush and stop a provider this component built (its batch of spans not yet exported goes out now)."""
+    if provider is not None:
+        provider.shutdown()
 
 
 def _filter():

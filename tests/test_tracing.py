@@ -211,3 +211,41 @@ def test_tracing_on_without_the_packages_is_a_settings_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if opentelemetry-sdk were not installed
     with pytest.raises(SettingsError, match=r"tracing=otlp needs the OpenTelemetry packages .*telepathy-llm\[tracing\]"):
         tracer_provider("otlp", "http://127.0.0.1:4318/v1/traces", "sender")
+
+
+def test_errors_keep_their_status_with_tracing_on(traced):
+    gateway, exporters = traced
+    for exporter in exporters.values():
+        exporter.clear()
+    r = httpx.post(f"{gateway.url}/v1/classify", json={"task": "no_such_task", "text": "a fine film"}, timeout=60)
+    assert r.status_code == 404, r.text  # the sender's NOT_FOUND through the traced hops, as without tracing
+    wait_for(lambda: RELAY in {s.name for s in exporters["sender"].get_finished_spans()}, what="the Relay span")
+    relay = next(s for s in exporters["sender"].get_finished_spans() if s.name == RELAY)
+    assert relay.attributes["rpc.grpc.status_code"] == 5  # NOT_FOUND (a server span's status stays UNSET for it: OTel's rule)
+    wait_for(lambda: len(exporters["gateway"].get_finished_spans()) == 3, what="the gateway's spans")
+    g = {s.name: s for s in exporters["gateway"].get_finished_spans()}
+    assert g[RELAY].status.status_code.name == "ERROR" and g[RELAY].attributes["rpc.grpc.status_code"] == 5
+    assert g["gateway bridge"].status.status_code.name == "ERROR"
+    assert g["POST /v1/classify"].attributes["http.status_code"] == 404
+    assert r.json()["error"]["type"] == "not_found_error"
+
+
+def test_pair_service_traces_its_relay_and_stages(tiny_bridges_dir, tiny_sender, tiny_receiver):
+    from telepathy.pair_service.app import build_pair
+    from telepathy.pair_service.settings import PairSettings
+
+    (pp, px), (gp, gx) = _provider(), _provider()
+    pair = ServiceThread(lambda: build_pair(PairSettings(
+        model=TINY_SENDER, receiver_model=TINY_RECEIVER, bridges=str(tiny_bridges_dir), port=0, device="cpu",
+        max_batch_size=4, grace_s=1.0), tiny_sender, tiny_receiver, pp), "pair").start()
+    try:
+        with GatewayThread(GatewaySettings(port=0, sender_addr=pair.address), tracer_provider=gp) as gateway:
+            names = {"gateway": {"POST /v1/classify", "gateway bridge", RELAY}, "pair": {RELAY}}
+            _, spans = _classify(gateway, {"gateway": gx, "pair": px}, "bridge", names)
+    finally:
+        pair.stop()
+    every = [s for by_name in spans.values() for s in by_name.values()]
+    assert len({s.context.trace_id for s in every}) == 1
+    stages = [s for s in px.get_finished_spans() if s.name.endswith((" queue", " model"))]
+    assert stages and all(s.parent.span_id == spans["pair"][RELAY].context.span_id for s in stages)
+    assert all(s.attributes["telepathy.batch_size"] == 1 for s in stages)

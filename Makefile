@@ -39,7 +39,9 @@ lint: install
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	    timeout 300 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 && \
+	    { timeout 300 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { timeout 120 apt-get update -qq >/dev/null 2>&1 && \
+	        timeout 300 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } && \
 	    echo "installed chromium (for tests/test_gateway_page.py)"; } || true
 
 test: install browser

@@ -100,7 +100,11 @@ def classify_arguments(p: argparse.ArgumentParser) -> None:
 
 def report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="folder of results/*.json (default %(default)s)")
-    p.add_argument("--out", default=None, help="where summary.md and accuracy.png go (default: --results)")
+    p.add_argument("--out", default=None, help="where summary.md and accuracy.png go (default: --results); with "
+                                                "--curves, the PNG's path (default curves.png in the current folder)")
+    p.add_argument("--curves", nargs="+", default=None, metavar="RUN_DIR",
+                   help="plot loss (and validation accuracy) vs step from each run folder's diagnostics.jsonl "
+                        "(written by `telepathy train`) into one PNG, with its data beside it as .json")
     p.add_argument("--task", action="append", default=None, metavar="TASK",
                    help=f"report only this task ({_tasks()}; repeat for several, in column order); a task file also "
                         "gives the labels of results that do not record them (default: every task in --results)")

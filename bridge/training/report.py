@@ -1,12 +1,17 @@
 """Results → a markdown table and a bar chart.
 
     telepathy report --results results --out results [--task T ...]
+    telepathy report --curves RUN_DIR [RUN_DIR ...] [--out curves.png]
 
 reads results/<task>[_<split>].json (written by `telepathy eval`) and results/wire_ablation.json (if present)
 and writes results/summary.md (methods × tasks, mean ± std over seeds, in %) and results/accuracy.png
 (grouped bars with ±std error bars and each task's chance level). Chance needs the number of labels: a results file
 records its labels; older ones get them from the --task given for them (a built-in name or a task file) or the
 built-in task of their name.
+
+With --curves it reads each run folder's diagnostics.jsonl (written by `telepathy train`: per-step rows with loss, lr,
+...; rows with val_accuracy at each evaluation) and writes one PNG of loss (and validation accuracy where present) vs
+step, a line per run named by its folder, and the plotted data beside it (the same path with .json).
 """
 
 from __future__ import annotations
@@ -144,10 +149,102 @@ def write_report(results: str | Path, out: str | Path, tasks: list[TaskSpec] | N
     return written
 
 
+class CurvesError(ValueError):
+    """A run folder's diagnostics cannot be plotted: missing, empty or malformed (the message names the file)."""
+
+
+def load_curves(run_dir: str | Path) -> dict:
+    """One run's curves from RUN_DIR/diagnostics.jsonl: {"run", "diagnostics", "loss": [[step, loss], ...],
+    "val_accuracy": [[step, acc], ...]}. CurvesError when the file is missing, empty, or a line is not a JSON object
+    with an integer step (and a number for loss / val_accuracy where given), or no row has a loss."""
+    run_dir = Path(run_dir)
+    path = run_dir / "diagnostics.jsonl"
+    if not path.is_file():
+        raise CurvesError(f"{path}: no such file (is {run_dir} a `telepathy train` run folder?)")
+    loss: list[list[float]] = []
+    val: list[list[float]] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not any(line.strip() for line in lines):
+        raise CurvesError(f"{path}: empty (no training steps recorded)")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise CurvesError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+            raise CurvesError(f"{path}: line {number} is not an object with an integer step")
+        for key, into in (("loss", loss), ("val_accuracy", val)):
+            if key in row:
+                value = row[key]
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    raise CurvesError(f"{path}: line {number}: {key} is not a number")
+                into.append([row["step"], value])
+    if not loss:
+        raise CurvesError(f"{path}: no row with a loss")
+    return {"run": run_dir.resolve().name, "diagnostics": str(path), "loss": loss, "val_accuracy": val}
+
+
+def curves_chart(runs: list[dict], path: str | Path) -> Path:
+    """Loss vs step (left axes) and, when any run has them, validation accuracy vs step (right axes) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_val = any(r["val_accuracy"] for r in runs)
+    fig, axes = plt.subplots(1, 2 if with_val else 1, figsize=(12.0 if with_val else 7.0, 4.5), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    loss_ax = axes[0][0]
+    for i, r in enumerate(runs):
+        steps, values = zip(*r["loss"])
+        loss_ax.plot(steps, values, label=r["run"], color=colors(i % 10), linewidth=1.2)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_title("loss", fontsize=10)
+    loss_ax.legend(fontsize=8)
+    if with_val:
+        val_ax = axes[0][1]
+        for i, r in enumerate(runs):
+            if r["val_accuracy"]:
+                steps, values = zip(*r["val_accuracy"])
+                val_ax.plot(steps, [100 * v for v in values], label=r["run"], color=colors(i % 10), marker="o",
+                            markersize=3, linewidth=1.2)
+        val_ax.set_xlabel("step")
+        val_ax.set_ylabel("validation accuracy (%)")
+        val_ax.set_ylim(0, 100)
+        val_ax.set_title("validation accuracy", fontsize=10)
+        val_ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_curves(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
+    """The curves PNG at `out` and its data at `out` with .json ({"runs": [load_curves(...), ...]})."""
+    runs = [load_curves(d) for d in run_dirs]
+    png = curves_chart(runs, out)
+    data = png.with_suffix(".json")
+    data.write_text(json.dumps({"runs": runs}, indent=1) + "\n", encoding="utf-8")
+    return [png, data]
+
+
 # `telepathy report`: the arguments are in telepathy.commands (torch-free, for a fast `--help`).
 
 
 def report_command(args: argparse.Namespace) -> int:
+    if args.curves:
+        try:
+            written = write_curves(args.curves, args.out or "curves.png")
+        except (CurvesError, OSError) as exc:
+            return fail("report", str(exc))
+        for path in written:
+            print(path)
+        return 0
     try:
         tasks = [resolve_task(t).spec for t in args.task or []]
         written = write_report(args.results, args.out or args.results, tasks)

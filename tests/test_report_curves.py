@@ -92,3 +92,15 @@ def test_curves_bad_run_folders_fail_naming_the_file(runs, tmp_path, capsys):
     folder, path = run_with("valonly", '{"step": 2, "val_accuracy": 0.5}\n')
     assert error(folder) == f"telepathy report: error: {path}: no row with a loss"
     assert not (tmp_path / "c.png").exists()
+
+
+def test_curves_name_runs_of_the_same_folder_name_by_their_parents(runs, tmp_path):
+    """runs/trec/seed0 and runs/sst2/seed0 must not both be "seed0" in the legend and the data."""
+    first, second = tmp_path / "trec" / "seed0", tmp_path / "sst2" / "seed0"
+    for source, copy in ((runs[0], first), (runs[1], second)):
+        copy.mkdir(parents=True)
+        (copy / "diagnostics.jsonl").write_bytes((source / "diagnostics.jsonl").read_bytes())
+    out = tmp_path / "curves.png"
+    assert cli(["report", "--curves", str(first), str(second), "--out", str(out)]) == 0
+    assert [r["run"] for r in json.loads(out.with_suffix(".json").read_text())["runs"]] == ["trec/seed0", "sst2/seed0"]
+

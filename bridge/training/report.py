@@ -224,9 +224,20 @@ def curves_chart(runs: list[dict], path: str | Path) -> Path:
     return path
 
 
+def _distinct_names(paths: list[Path]) -> list[str]:
+    """The shortest trailing parts of each path that tell the runs apart: seed0, seed1; or trec/seed0, sst2/seed0."""
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]  # the same folder twice: say so plainly
+
+
 def write_curves(run_dirs: list[str | Path], out: str | Path) -> list[Path]:
     """The curves PNG at `out` and its data at `out` with .json ({"runs": [load_curves(...), ...]})."""
     runs = [load_curves(d) for d in run_dirs]
+    for r, name in zip(runs, _distinct_names([Path(d).resolve() for d in run_dirs])):
+        r["run"] = name
     png = curves_chart(runs, out)
     data = png.with_suffix(".json")
     data.write_text(json.dumps({"runs": runs}, indent=1) + "\n", encoding="utf-8")

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SecretsSettingsSource, SettingsConfigDict
@@ -398,7 +398,14 @@ def where(settings: Any, name: str) -> str:
     return f"{option_name(name)} / {env}" if env else option_name(name)
 
 
-class ServiceSettings(TelepathySettings):
+class TelemetrySettings(TelepathySettings):
+    """Tracing and log lines, as the services and the gateway read them (the types are the check)."""
+    tracing: Literal["off", "console", "otlp"] = setting("off", "OpenTelemetry tracing: off, console, otlp")
+    otlp_endpoint: str = setting("http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint when tracing=otlp")
+    log_format: Literal["text", "json"] = setting("text", "log lines: text, or json (one object a line)")
+
+
+class ServiceSettings(TelemetrySettings):
     """What every Telepathy gRPC service reads at start-up. Subclasses set the port and model defaults."""
 
     host: str = setting("127.0.0.1", "interface to listen on; non-loopback needs an auth token or mTLS")
@@ -434,9 +441,6 @@ class ServiceSettings(TelepathySettings):
     # The static-shape path of bridge/runtime/fastpath/ (CUDA graphs, fused layers, label-only logits); its own
     # switches are TELEPATHY_FASTPATH_* (docs/PERFORMANCE.md). Eager engines on the CPU, where graphs gain nothing.
     fast_path: str = setting("auto", "static-shape fast path: auto (on with CUDA), on, off")
-    tracing: str = setting("off", "OpenTelemetry tracing: off, console, otlp (docs/SERVICES.md: Tracing and logs)")
-    otlp_endpoint: str = setting("http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint when tracing=otlp")
-    log_format: str = setting("text", "log lines: text, or json (one object a line, with the request id)")
 
     @field_validator("task_files", mode="before")
     @classmethod
@@ -462,8 +466,6 @@ class ServiceSettings(TelepathySettings):
         require(self.grace_s >= 0, where(self, "grace_s"), "must not be negative")
         require(self.fast_path in FAST_PATH_MODES, where(self, "fast_path"),
                 f"{self.fast_path!r} is not one of {', '.join(FAST_PATH_MODES)}")
-        for name, modes in (("tracing", ("off", "console", "otlp")), ("log_format", ("text", "json"))):
-            require(getattr(self, name) in modes, where(self, name), f"{getattr(self, name)!r} is not one of {', '.join(modes)}")
         self._check_security()
 
     def _check_security(self) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import field_validator
 
-from telepathy.config import SettingsError, TelepathySettings, env_name, from_sources, setting
+from telepathy.config import SettingsError, TelemetrySettings, env_name, from_sources, setting
 
 
-class GatewaySettings(TelepathySettings):
+class GatewaySettings(TelemetrySettings):
     # Where uvicorn listens. Loopback by default: exposing the gateway is an explicit decision.
     host: str = setting("127.0.0.1", "listen address", env="TELEPATHY_GATEWAY_HOST")
     port: int = setting(8000, "listen port", env="TELEPATHY_GATEWAY_PORT")
@@ -62,9 +62,6 @@ class GatewaySettings(TelepathySettings):
     # Seconds uvicorn waits for in-flight requests on shutdown.
     graceful_shutdown_s: float = setting(10.0, "how long uvicorn waits for in-flight requests on shutdown", env=None)
     log_level: str = setting("info", "uvicorn log level", env=None)
-    tracing: str = setting("off", "OpenTelemetry tracing: off, console, otlp (docs/SERVICES.md: Tracing and logs)")
-    otlp_endpoint: str = setting("http://127.0.0.1:4318/v1/traces", "OTLP/HTTP traces endpoint when tracing=otlp")
-    log_format: str = setting("text", "log lines: text, or json (one object a line, with the request id)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -75,9 +72,6 @@ class GatewaySettings(TelepathySettings):
         super()._check()
         if any(not k or any(c.isspace() for c in k) for k in self.api_keys):
             raise SettingsError("api_keys: keys must be non-empty and contain no whitespace")
-        for name, modes in (("tracing", ("off", "console", "otlp")), ("log_format", ("text", "json"))):
-            if getattr(self, name) not in modes:
-                raise SettingsError(f"{name} must be one of {', '.join(modes)}, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"port must be in 0..65535, got {self.port}")
         if not self.sender_addr or ":" not in self.sender_addr:

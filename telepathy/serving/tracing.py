@@ -23,7 +23,6 @@ from typing import Any
 
 from telepathy.config import SettingsError
 
-TRACING_MODES = ("off", "console", "otlp")
 _SKIP_METHODS = ("ClassifyStream",)  # the long-lived stream: each item gets its own span instead
 _SKIP_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")
 

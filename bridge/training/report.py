@@ -97,11 +97,7 @@ def wire_table(ablation: dict) -> str:
 
 
 def bar_chart(docs: list[dict], path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     methods = [m for m in METHODS if any(m in d["methods"] for d in docs)]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(7.0, 2.4 * len(docs)), 4.5))
@@ -125,11 +121,25 @@ def bar_chart(docs: list[dict], path: str | Path) -> Path:
     receiver = docs[0]["receiver"] if docs else ""
     ax.set_title(f"{sender} → {receiver}: all methods per task (dotted: chance)", fontsize=10)
     ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, -0.32))
+    return _save(fig, path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported late: the rest of the report needs no matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -188,11 +198,7 @@ def load_curves(run_dir: str | Path) -> dict:
 
 def curves_chart(runs: list[dict], path: str | Path) -> Path:
     """Loss vs step (left axes) and, when any run has them, validation accuracy vs step (right axes) in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     with_val = any(r["val_accuracy"] for r in runs)
     fig, axes = plt.subplots(1, 2 if with_val else 1, figsize=(12.0 if with_val else 7.0, 4.5), squeeze=False)
     colors = plt.get_cmap("tab10")
@@ -216,12 +222,7 @@ def curves_chart(runs: list[dict], path: str | Path) -> Path:
         val_ax.set_ylim(0, 100)
         val_ax.set_title("validation accuracy", fontsize=10)
         val_ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _distinct_names(paths: list[Path]) -> list[str]:

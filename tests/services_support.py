@@ -160,3 +160,23 @@ class ServiceProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(30)
         self._log.close()
+
+
+def soft_tokens_changed(good: common_pb2.SoftTokens, **changes) -> common_pb2.SoftTokens:
+    """A copy of `good` with fields changed: `task="x"`, `tokens__shape=[4, 64]` (a field of .tokens),
+    `tokens__scales=None` (cleared)."""
+    st = common_pb2.SoftTokens()
+    st.CopyFrom(good)
+    for path, value in changes.items():
+        target, name = st, path
+        if "__" in path:
+            target, name = st.tokens, path.split("__", 1)[1]
+        if name == "shape":
+            del target.shape[:]
+            target.shape.extend(value)
+        elif value is None:
+            target.ClearField(name)
+        else:
+            setattr(target, name, value)
+    return st
+

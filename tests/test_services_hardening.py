@@ -17,7 +17,7 @@ import pytest
 
 from telepathy.bridge.codec import wire_nbytes
 from telepathy.contract import MAX_ID_CHARS, MAX_SHAPE_DIMS, SHIPPED_BRIDGES
-from telepathy.protos.v1 import common_pb2, receiver_pb2, sender_pb2
+from telepathy.protos.v1 import receiver_pb2, sender_pb2
 from telepathy.serving.errors import MAX_DETAILS_BYTES, ServiceError
 from tests.services_support import (
     ROOT,
@@ -29,6 +29,7 @@ from tests.services_support import (
     relay,
     rpc_error,
     sender_stub,
+    soft_tokens_changed,
     soft_tokens_for,
     start_pair,
     start_receiver,
@@ -73,14 +74,6 @@ def pair(tiny_bridges_dir):
 @pytest.fixture(scope="module")
 def good(pair):
     return soft_tokens_for(pair[0].address, "a fine film", "sst2")
-
-
-def _copy(st: common_pb2.SoftTokens, **changes) -> common_pb2.SoftTokens:
-    out = common_pb2.SoftTokens()
-    out.CopyFrom(st)
-    for name, value in changes.items():
-        setattr(out, name, value)
-    return out
 
 
 def _still_works(pair, good) -> None:
@@ -137,7 +130,7 @@ def test_identifiers_at_the_limit_and_texts_with_other_controls_are_accepted(pai
     assert sender_stub(pair[0].address).Relay(relay(text=text), timeout=TIMEOUT).result.task == "sst2"
     answer = sender_stub(pair[0].address).Relay(relay(request_id=request_id), timeout=TIMEOUT)
     assert answer.result.request_id == request_id
-    st = _copy(good, request_id=request_id)
+    st = soft_tokens_changed(good, request_id=request_id)
     assert receiver_stub(pair[1].address).Classify(classify_request(st), timeout=TIMEOUT).result.request_id == request_id
 
 
@@ -155,13 +148,13 @@ RECEIVER_CASES = {
 def test_classify_bounds_identifiers(pair, good, case):
     changes, message = RECEIVER_CASES[case]
     field = f"soft_tokens.{next(iter(changes))}"
-    err = rpc_error(receiver_stub(pair[1].address).Classify, classify_request(_copy(good, **changes)), timeout=TIMEOUT)
+    err = rpc_error(receiver_stub(pair[1].address).Classify, classify_request(soft_tokens_changed(good, **changes)), timeout=TIMEOUT)
     _assert_rejected(err, C.INVALID_ARGUMENT, f"{field}: {message}", field, "Receiver.Classify")
     _still_works(pair, good)
 
 
 def test_classify_bounds_the_tensor_rank(pair, good):
-    st = _copy(good)
+    st = soft_tokens_changed(good)
     st.tokens.shape[:] = [1] * HUGE
     err = rpc_error(receiver_stub(pair[1].address).Classify, classify_request(st), timeout=TIMEOUT)
     field = "soft_tokens.tokens.shape"
@@ -173,7 +166,7 @@ def test_classify_bounds_the_tensor_rank(pair, good):
 def test_a_long_wrong_fingerprint_is_clipped_in_the_message(pair, good):
     fingerprint = "f" * MAX_ID_CHARS
     err = rpc_error(receiver_stub(pair[1].address).Classify,
-                    classify_request(_copy(good, bridge_fingerprint=fingerprint)), timeout=TIMEOUT)
+                    classify_request(soft_tokens_changed(good, bridge_fingerprint=fingerprint)), timeout=TIMEOUT)
     field = "soft_tokens.bridge_fingerprint"
     _assert_rejected(err, C.FAILED_PRECONDITION,
                      f"{field}: the soft tokens were made by bridge fingerprint {'f' * 64}…, but this receiver's bridge "
@@ -226,12 +219,12 @@ def _answers(responses, n: int) -> dict:
 def test_huge_stream_items_fail_alone_and_the_stream_stays_open(pair, good):
     items = _Items()
     responses = receiver_stub(pair[1].address).ClassifyStream(iter(items), timeout=TIMEOUT)
-    ok = [receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id=f"ok{i}")) for i in range(3)]
+    ok = [receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id=f"ok{i}")) for i in range(3)]
     items.send(
         ok[0],
-        receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id="big-task", task=X)),
-        receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id="big-fp", bridge_fingerprint=X)),
-        receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id=X)),
+        receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="big-task", task=X)),
+        receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="big-fp", bridge_fingerprint=X)),
+        receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id=X)),
         receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(request_id="big-text-task", task=X, text="a")),
         ok[1],
     )
@@ -312,7 +305,7 @@ def test_an_undecodable_stream_item_fails_alone(pair, good, caplog):
                                      response_deserializer=receiver_pb2.ClassifyStreamResponse.FromString)
         items = _Items()
         responses = call(iter(items), timeout=TIMEOUT)
-        item = receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id="a"))
+        item = receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="a"))
         items.send(item.SerializeToString(), GARBAGE, b"\x0a\x04" + BAD_UTF8_FIELD_2)
         answers = [next(responses) for _ in range(3)]  # in completion order
         assert [r.result.task for r in answers if r.request_id == "a"] == ["sst2"]
@@ -375,7 +368,7 @@ def test_callers_that_go_away_log_no_errors(pair, good, slow_pair, caplog):
     # A stream whose deadline passes while it is open and idle.
     stream_items = _Items()
     responses = receiver_stub(pair[1].address).ClassifyStream(iter(stream_items), timeout=0.3)
-    stream_items.send(receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id="s")))
+    stream_items.send(receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="s")))
     assert next(responses).request_id == "s"
     with pytest.raises(grpc.RpcError) as info:
         next(responses)
@@ -417,7 +410,7 @@ def test_the_pair_service_has_the_same_edge(tiny_bridges_dir, caplog):
              "must not contain NUL characters (U+0000); found one at index 1"),
             (sender.Relay, relay(task="sst2\x7f"), "Sender.Relay", "task", CONTROL + "found U+007F at index 4"),
             (sender.Encode, sender_pb2.EncodeRequest(task=X, text="hi"), "Sender.Encode", "task", TOO_LONG),
-            (receiver.Classify, classify_request(_copy(good, bridge_id=X)), "Receiver.Classify", "soft_tokens.bridge_id",
+            (receiver.Classify, classify_request(soft_tokens_changed(good, bridge_id=X)), "Receiver.Classify", "soft_tokens.bridge_id",
              TOO_LONG),
             (receiver.ClassifyText, receiver_pb2.ClassifyTextRequest(request_id="\x1b", task="sst2", text="hi"),
              "Receiver.ClassifyText", "request_id", CONTROL + "found U+001B at index 0"),
@@ -434,8 +427,8 @@ def test_the_pair_service_has_the_same_edge(tiny_bridges_dir, caplog):
 
         items = _Items()
         responses = receiver.ClassifyStream(iter(items), timeout=TIMEOUT)
-        items.send(receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id=X)),
-                   receiver_pb2.ClassifyStreamRequest(soft_tokens=_copy(good, request_id="ok")))
+        items.send(receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id=X)),
+                   receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="ok")))
         answers = _answers(responses, 2)
         assert (answers[""].error.code, answers[""].error.message) == (C.INVALID_ARGUMENT.value[0],
                                                                       f"soft_tokens.request_id: {TOO_LONG}")

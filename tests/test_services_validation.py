@@ -18,6 +18,7 @@ from tests.services_support import (
     relay,
     rpc_error,
     sender_stub,
+    soft_tokens_changed,
     soft_tokens_for,
     start_receiver,
     start_sender,
@@ -41,23 +42,6 @@ def pair(tiny_bridges_dir):
 def good(pair):
     """Valid int8 soft tokens for sst2 from the sender itself; each case below breaks one thing in a copy."""
     return soft_tokens_for(pair[0].address, "a fine film", "sst2")
-
-
-def _broken(good, **changes) -> common_pb2.SoftTokens:
-    st = common_pb2.SoftTokens()
-    st.CopyFrom(good)
-    for path, value in changes.items():
-        target, name = st, path
-        if "__" in path:
-            target, name = st.tokens, path.split("__", 1)[1]
-        if name == "shape":
-            del target.shape[:]
-            target.shape.extend(value)
-        elif value is None:
-            target.ClearField(name)
-        else:
-            setattr(target, name, value)
-    return st
 
 
 def _fp32(values) -> bytes:
@@ -113,7 +97,7 @@ PREFIX_ONLY = {"wrong fingerprint", "unknown bridge id", "missing fingerprint", 
 @pytest.mark.parametrize("case", list(RECEIVER_CASES))
 def test_receiver_rejects_bad_soft_tokens(pair, good, case):
     changes, code, field, message = RECEIVER_CASES[case]
-    err = rpc_error(receiver_stub(pair[1].address).Classify, classify_request(_broken(good, **changes)), timeout=TIMEOUT)
+    err = rpc_error(receiver_stub(pair[1].address).Classify, classify_request(soft_tokens_changed(good, **changes)), timeout=TIMEOUT)
     expected = f"{field}: {message}"
     assert err.code() == code and err.details().startswith(expected), (err.code(), err.details())
     if case not in PREFIX_ONLY:
@@ -124,7 +108,7 @@ def test_receiver_rejects_bad_soft_tokens(pair, good, case):
 
 def test_wrong_fingerprint_names_both_fingerprints(pair, good):
     err = rpc_error(receiver_stub(pair[1].address).Classify,
-                    classify_request(_broken(good, bridge_fingerprint="0123456789abcdef")), timeout=TIMEOUT)
+                    classify_request(soft_tokens_changed(good, bridge_fingerprint="0123456789abcdef")), timeout=TIMEOUT)
     assert "0123456789abcdef" in err.details() and good.bridge_fingerprint in err.details()
 
 
@@ -135,7 +119,7 @@ def test_missing_soft_tokens_message(pair, good):
 
 
 def test_message_over_the_size_cap_is_resource_exhausted(pair, good):
-    huge = classify_request(_broken(good, tokens__raw_data=b"\x01" * (MAX_MESSAGE + 1)))
+    huge = classify_request(soft_tokens_changed(good, tokens__raw_data=b"\x01" * (MAX_MESSAGE + 1)))
     err = rpc_error(receiver_stub(pair[1].address).Classify, huge, timeout=TIMEOUT)
     size = len(huge.SerializeToString())
     assert_status(err, C.RESOURCE_EXHAUSTED, f"SERVER: Received message larger than max ({size} vs. {MAX_MESSAGE})", exact=True)
@@ -156,13 +140,13 @@ def test_receiver_rejects_bad_text(pair, good, request_, code, message):
 
 
 def test_bad_stream_items_get_errors_and_the_stream_stays_open(pair, good):
-    bad = _broken(good, request_id="bad", bridge_fingerprint="0123456789abcdef")
-    ok = _broken(good, request_id="ok")
-    both = receiver_pb2.ClassifyStreamRequest(soft_tokens=_broken(good, request_id="both"),
+    bad = soft_tokens_changed(good, request_id="bad", bridge_fingerprint="0123456789abcdef")
+    ok = soft_tokens_changed(good, request_id="ok")
+    both = receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="both"),
                                               text=receiver_pb2.ClassifyTextRequest(task="sst2"))
     items = [
         receiver_pb2.ClassifyStreamRequest(soft_tokens=bad),
-        receiver_pb2.ClassifyStreamRequest(soft_tokens=_broken(good, request_id="neg"), timeout_ms=-5),
+        receiver_pb2.ClassifyStreamRequest(soft_tokens=soft_tokens_changed(good, request_id="neg"), timeout_ms=-5),
         both,
         receiver_pb2.ClassifyStreamRequest(text=receiver_pb2.ClassifyTextRequest(request_id="txt", task="nope", text="x")),
         receiver_pb2.ClassifyStreamRequest(soft_tokens=ok),
